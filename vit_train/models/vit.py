@@ -1,0 +1,200 @@
+"""The Vision Transformer of Dosovitskiy et al. 2020, equations 1–4.
+
+    z_0  = [x_class; x_p^1 E; ...; x_p^N E] + E_pos                  (1)  PatchEmbedding, cls_token, pos_embed
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                                 (2)  Block: norm1, attn
+    z_l  = MLP(LN(z'_l)) + z'_l                                       (3)  Block: norm2, mlp
+    y    = LN(z_L^0)                                                  (4)  norm, then the classifier head
+
+Parameter names follow timm's `VisionTransformer` (`patch_embed.proj`, `blocks.N.attn.qkv`, ...) so that a
+state dict moves between the two without renaming. Query, key and value share one Linear: one GEMM instead of
+three, which matters on every device.
+"""
+import math
+
+import ml_collections
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit_train.errors import UserError
+from vit_train.models.resnet import ResNetV2, resnet_downsample
+
+LAYER_NORM_EPS = 1e-6  # as in the original Flax code (HF's 1e-12 default differs)
+
+
+class PatchEmbedding(nn.Module):
+    """Cut the image into P×P patches and project each linearly to D dims: a convolution with kernel = stride = P."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h·w, D), patches in raster order
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """softmax(Q Kᵀ / √d_head) V for each head, then the output projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout_rate: float, dropout_rate: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.attention_dropout_rate = attention_dropout_rate
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj_drop = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dropout_p = self.attention_dropout_rate if self.training else 0.0
+        probs = None
+        if return_attention:
+            # Written out so the probabilities can be returned; the fused kernel below never materialises them.
+            probs = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim), dim=-1)
+            out = F.dropout(probs, dropout_p, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(batch, tokens, width)
+        return self.proj_drop(self.proj(out)), probs
+
+
+class MLP(nn.Module):
+    """Two layers with a GELU between: Linear → GELU → Dropout → Linear → Dropout."""
+
+    def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout_rate)
+        self.fc2 = nn.Linear(mlp_dim, hidden_size)
+        self.drop2 = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """One encoder layer: pre-LayerNorm attention and MLP, each with a residual (equations 2 and 3)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__()
+        t = config.transformer
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.attn = MultiHeadSelfAttention(config.hidden_size, t.num_heads, t.attention_dropout_rate, t.dropout_rate)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = MLP(config.hidden_size, t.mlp_dim, t.dropout_rate)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        attended, probs = self.attn(self.norm1(x), return_attention)
+        x = x + attended
+        x = x + self.mlp(self.norm2(x))
+        return x, probs
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier for `img_size`×`img_size` images; `model(images)` returns logits (B, num_classes).
+
+    `model(images, return_attention=True)` also returns each layer's attention probabilities,
+    a list of (B, heads, tokens, tokens) tensors, with the same logits.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, img_size: int = 32, num_classes: int = 10):
+        super().__init__()
+        check_config(config, img_size)
+        self.config = config
+        self.img_size = img_size
+        self.num_classes = num_classes
+        hidden_size = config.hidden_size
+        patch_size = config.patches.size[0]
+
+        if config.resnet is not None:
+            self.stem = ResNetV2(config.resnet.num_layers, config.resnet.width_factor)
+            in_channels, feature_size = self.stem.out_channels, img_size // self.stem.downsample
+        else:
+            self.stem = nn.Identity()
+            in_channels, feature_size = 3, img_size
+        self.grid_size = feature_size // patch_size
+        num_patches = self.grid_size**2
+        self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
+        self.use_cls_token = config.classifier == "token"
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.use_cls_token else None
+        self.num_prefix_tokens = int(self.use_cls_token)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
+        self.pos_drop = nn.Dropout(config.transformer.dropout_rate)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.transformer.num_layers))
+        self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
+        if config.representation_size:
+            self.pre_logits = nn.Sequential(nn.Linear(hidden_size, config.representation_size), nn.Tanh())
+            head_in = config.representation_size
+        else:
+            self.pre_logits = nn.Identity()
+            head_in = hidden_size
+        self.head = nn.Linear(head_in, num_classes)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The original Flax initialisation: Xavier-uniform Linear layers, LeCun-normal patch projection,
+        N(0, 0.02) position embeddings, zero CLS token and a zero head (so a fresh model predicts uniformly)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith("attn.qkv"):
+                    for third in module.weight.chunk(3):  # q, k and v are separate D×D maps in the original
+                        nn.init.xavier_uniform_(third)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                if ".mlp." in name:
+                    nn.init.normal_(module.bias, std=1e-6)
+                else:
+                    nn.init.zeros_(module.bias)
+        fan_in = self.patch_embed.proj.weight[0].numel()
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1 / fan_in) / 0.87962566103423978)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Equation 1: patch embeddings, the CLS token in front, plus position embeddings."""
+        x = self.patch_embed(self.stem(images))
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False):
+        x = self.embed(images)
+        attention = []
+        for block in self.blocks:
+            x, probs = block(x, return_attention)
+            attention.append(probs)
+        x = self.norm(x)
+        features = x[:, 0] if self.use_cls_token else x.mean(dim=1)
+        logits = self.head(self.pre_logits(features))
+        return (logits, attention) if return_attention else logits
+
+
+def check_config(config: ml_collections.ConfigDict, img_size: int):
+    """Reject configurations that cannot build a network, with a message that says how to fix them."""
+    name = config.get("name", "model")
+    hidden_size, heads = config.hidden_size, config.transformer.num_heads
+    if min(hidden_size, heads, config.transformer.mlp_dim, config.transformer.num_layers) <= 0:
+        raise UserError(f"{name}: hidden_size, mlp_dim, num_heads and num_layers must be positive")
+    if hidden_size % heads:
+        raise UserError(f"{name}: hidden size {hidden_size} is not divisible by {heads} heads; change one of them")
+    if config.classifier not in ("token", "gap"):
+        raise UserError(f"{name}: classifier must be 'token' or 'gap', not {config.classifier!r}")
+    if img_size <= 0:
+        raise UserError(f"image size must be positive, not {img_size}")
+    patch_size = config.patches.size[0]
+    downsample = resnet_downsample(config.resnet.num_layers) if config.resnet is not None else 1
+    if patch_size <= 0 or img_size % (patch_size * downsample):
+        what = f"the ResNet stem's 16× downsampling times patch size {patch_size}" if downsample > 1 else (
+            f"patch size {patch_size}")
+        raise UserError(
+            f"{name}: {what} does not divide the image size {img_size}; pick an image size that is a multiple "
+            f"of {patch_size * downsample} or another patch size"
+        )
