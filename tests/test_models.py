@@ -1,17 +1,16 @@
 """The model is the network of the paper and of timm / HF: identical weights give identical logits."""
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from vit_train.errors import UserError
 from vit_train.models import create_model, get_config, list_models
 from vit_train.pretrained import load_pretrained
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from vit_train.bench.peers import hf_logits, hf_vit, timm_vit as timm_model  # noqa: E402
 
 
 def randomize(model, seed=0):
@@ -27,67 +26,20 @@ def randomize(model, seed=0):
     return model.eval()
 
 
-def timm_model(cfg, img_size, num_classes):
-    return timm_vit.VisionTransformer(
-        img_size=img_size, patch_size=cfg.patches.size[0], num_classes=num_classes, embed_dim=cfg.hidden_size,
-        depth=cfg.transformer.num_layers, num_heads=cfg.transformer.num_heads,
-        mlp_ratio=cfg.transformer.mlp_dim / cfg.hidden_size, qkv_bias=True, class_token=True,
-        global_pool="token", norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    ).eval()
-
-
-def hf_model(cfg, img_size, num_classes, our_state):
-    config = transformers.ViTConfig(
-        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.transformer.num_layers,
-        num_attention_heads=cfg.transformer.num_heads, intermediate_size=cfg.transformer.mlp_dim,
-        hidden_act="gelu", layer_norm_eps=1e-6, image_size=img_size, patch_size=cfg.patches.size[0],
-        num_labels=num_classes, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    model = transformers.ViTForImageClassification(config).eval()
-    D = cfg.hidden_size
-    sd = {
-        "vit.embeddings.cls_token": our_state["cls_token"],
-        "vit.embeddings.position_embeddings": our_state["pos_embed"],
-        "vit.embeddings.patch_embeddings.projection.weight": our_state["patch_embed.proj.weight"],
-        "vit.embeddings.patch_embeddings.projection.bias": our_state["patch_embed.proj.bias"],
-        "vit.layernorm.weight": our_state["norm.weight"], "vit.layernorm.bias": our_state["norm.bias"],
-        "classifier.weight": our_state["head.weight"], "classifier.bias": our_state["head.bias"],
-    }
-    # transformers 5 renamed the encoder's modules; map onto whichever naming the installed version uses.
-    v5 = "vit.layers.0.attention.q_proj.weight" in model.state_dict()
-    layer = "vit.layers.{}." if v5 else "vit.encoder.layer.{}."
-    names = dict(zip(
-        ("q", "k", "v", "proj", "fc1", "fc2", "norm1", "norm2"),
-        ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2",
-         "layernorm_before", "layernorm_after") if v5 else
-        ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-         "attention.output.dense", "intermediate.dense", "output.dense", "layernorm_before", "layernorm_after")))
-    for i in range(cfg.transformer.num_layers):
-        ours, hf = f"blocks.{i}", layer.format(i)
-        for kind in ("weight", "bias"):
-            theirs = dict(zip("qkv", our_state[f"{ours}.attn.qkv.{kind}"].split(D)))
-            theirs.update({name: our_state[f"{ours}.{path}.{kind}"] for name, path in (
-                ("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"), ("norm1", "norm1"),
-                ("norm2", "norm2"))})
-            sd.update({f"{hf}{names[name]}.{kind}": value for name, value in theirs.items()})
-    model.load_state_dict(sd)
-    return model
-
-
 @pytest.mark.parametrize("name,img_size", [("testing", 32), ("ViT-Ti_4", 32), ("ViT-B_16", 32), ("ViT-B_16", 224)])
 def test_logits_match_timm_and_hf(name, img_size):
     torch.manual_seed(0)
     ours = randomize(create_model(name, img_size=img_size, num_classes=10))
     cfg = get_config(name)
     images = torch.randn(2, 3, img_size, img_size)
-    theirs_timm = timm_model(cfg, img_size, 10)
+    theirs_timm = timm_model(cfg, img_size, 10).eval()
     theirs_timm.load_state_dict(ours.state_dict())  # same parameter names, no mapping
-    theirs_hf = hf_model(cfg, img_size, 10, ours.state_dict())
+    theirs_hf = hf_vit(cfg, img_size, 10, ours.state_dict()).eval()
     with torch.no_grad():
         logits = ours(images)
         assert (logits[0] - logits[1]).abs().max() > 0.1  # a real, input-dependent signal
         assert (logits - theirs_timm(images)).abs().max() <= 1e-4
-        assert (logits - theirs_hf(images).logits).abs().max() <= 1e-4
+        assert (logits - hf_logits(theirs_hf, images)).abs().max() <= 1e-4
 
 
 def test_attention_path_gives_the_same_logits_and_rows_sum_to_one():
@@ -219,7 +171,7 @@ def test_224px_npz_in_a_32px_model_resizes_position_embeddings_like_timm(tmp_pat
     source = randomize(timm_model(cfg, 224, 1000))
     npz = tmp_path / "ViT-Ti_16.npz"
     write_google_npz(npz, source.state_dict(), cfg.transformer.num_heads)
-    reference = timm_model(cfg, 32, 1000)
+    reference = timm_model(cfg, 32, 1000).eval()
     timm_vit._load_weights(reference, str(npz))  # timm's own .npz loader, the behaviour to match
     ours = create_model("ViT-Ti_16", img_size=32, num_classes=1000).eval()
     notes = load_pretrained(ours, npz)
@@ -279,3 +231,22 @@ def test_hybrid_npz_layout_agrees_with_timms_loader(tmp_path):
         logits, expected = fresh(images), reference(images)
     assert torch.equal(logits, ours(images))
     assert (logits - expected).abs().max() <= 2e-3 * expected.abs().max()
+
+
+def test_cpu_dropout_drops_p_and_keeps_the_expectation():
+    from vit_train.models.vit import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 2e-3  # 1e6 draws: std of the fraction is 3e-4
+    assert abs(y.mean().item() - 1.0) < 5e-3
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # gradients flow exactly where values were kept
+    assert torch.equal(dropout.eval()(x), x)
+    torch.manual_seed(1)
+    a = Dropout(0.1).train()(torch.ones(64))
+    torch.manual_seed(1)
+    assert torch.equal(a, Dropout(0.1).train()(torch.ones(64)))  # seeded like the rest of torch

@@ -22,6 +22,35 @@ from vit_train.models.resnet import ResNetV2, resnet_downsample
 LAYER_NORM_EPS = 1e-6  # as in the original Flax code (HF's 1e-12 default differs)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout whose mask is cheap to draw on the CPU.
+
+    On the CPU `F.dropout` draws one Bernoulli sample per element from a serial generator, and in a small ViT
+    that costs more than the matmuls. Here one 64-bit draw gives four 16-bit integers, each compared with a
+    threshold: `p` is rounded to a multiple of 1/65536 (off by < 1e-5) and the kept values are scaled by
+    1/(1 - rounded p), so the expectation is exactly the input's. Other devices use `F.dropout`, whose fused
+    kernels are already fast.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65536)  # drop where a uniform 16-bit integer (0..65535) falls below this
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        uniform16 = words.view(torch.int16)[: x.numel()].view(x.shape)  # -32768..32767, uniform
+        drop = uniform16 < self.threshold - 32768
+        return x.masked_fill(drop, 0.0) * (65536 / (65536 - self.threshold))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class PatchEmbedding(nn.Module):
     """Cut the image into P×P patches and project each linearly to D dims: a convolution with kernel = stride = P."""
 
@@ -43,7 +72,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention_dropout_rate = attention_dropout_rate
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.proj_drop = nn.Dropout(dropout_rate)
+        self.proj_drop = Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         batch, tokens, width = x.shape
@@ -67,9 +96,9 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, mlp_dim)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout_rate)
+        self.drop1 = Dropout(dropout_rate)
         self.fc2 = nn.Linear(mlp_dim, hidden_size)
-        self.drop2 = nn.Dropout(dropout_rate)
+        self.drop2 = Dropout(dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -122,7 +151,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.use_cls_token else None
         self.num_prefix_tokens = int(self.use_cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
-        self.pos_drop = nn.Dropout(config.transformer.dropout_rate)
+        self.pos_drop = Dropout(config.transformer.dropout_rate)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.transformer.num_layers))
         self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         if config.representation_size:

@@ -1,0 +1,1 @@
+"""Benchmarks against the reference implementations (timm, HF transformers); run with `python -m`."""
