@@ -1,0 +1,75 @@
+"""Fixtures shared by the test files: the ../shared folder, a real CIFAR-10 subset, and fake CIFAR pickles."""
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the repository (read-only); tests that need it skip where it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar10_subset(shared_dir, tmp_path_factory) -> Path:
+    """A data_dir holding cifar-10-batches-py/ with 50 real training and 20 test images per class."""
+    dest = tmp_path_factory.mktemp("cifar10_subset")
+    subprocess.run([sys.executable, str(shared_dir / "data" / "make_cifar10.py"), str(dest),
+                    "--per-class-train", "50", "--per-class-test", "20"], check=True, capture_output=True)
+    return dest
+
+
+# name -> (folder, train files, test files, meta file, label key, class-names key, number of classes)
+FAKE_LAYOUTS = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+                "labels", "label_names", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names", 100),
+}
+
+
+def write_fake_cifar(data_dir: Path, name: str = "cifar10", *, bytes_keys: bool = False,
+                     per_file: int = 30, seed: int = 0) -> dict:
+    """Write random images in CIFAR's official python layout under data_dir; return what was written.
+
+    The layout is spelt out here rather than taken from vit_train.data, so tests check the reader against the
+    format itself.
+
+    bytes_keys=True writes bytes keys and class names, as a pickle made by Python 3 from Python 2's files reads.
+    Returns {'train': (rows, labels), 'test': (rows, labels), 'class_names': [...]}, rows being the (N, 3072)
+    uint8 'data' arrays concatenated in file order.
+    """
+    folder, train_files, test_files, meta_file, label_key, names_key, num_classes = FAKE_LAYOUTS[name]
+    key = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
+    out = Path(data_dir) / folder
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        rows, labels = [], []
+        for file in files:
+            data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+            file_labels = [int(y) for y in rng.integers(0, num_classes, per_file)]
+            with open(out / file, "wb") as f:
+                pickle.dump({key("batch_label"): key(file), key(label_key): file_labels, key("data"): data,
+                             key("filenames"): [key(f"{file}_{i}.png") for i in range(per_file)]}, f)
+            rows.append(data)
+            labels.extend(file_labels)
+        written[split] = (np.concatenate(rows), np.array(labels))
+    written["class_names"] = [f"{name}_class_{i}" for i in range(num_classes)]
+    with open(out / meta_file, "wb") as f:
+        pickle.dump({key(names_key): [key(n) for n in written["class_names"]]}, f)
+    return written
+
+
+@pytest.fixture
+def fake_cifar():
+    """The write_fake_cifar function: `fake_cifar(tmp_path, "cifar100", bytes_keys=True)`."""
+    return write_fake_cifar

@@ -1,0 +1,344 @@
+"""Datasets, device augmentation, sharding and the errors users see for bad data."""
+import io
+import pickle
+import tarfile
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit_train import data
+from vit_train.data import build_loaders, default_data_config, normalization, preprocess_images
+from vit_train.errors import UserError
+
+CPU = torch.device("cpu")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny, and on a busy 2-core machine every 2-thread op can wait milliseconds on a thread
+    that is not running: one thread keeps this file's run short and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(**fields):
+    cfg = default_data_config()
+    cfg.update(fields)
+    return cfg
+
+
+def loaders(cfg, *, img_size=32, batch_size=16, eval_batch_size=32, seed=0, rank=0, world_size=1):
+    return build_loaders(cfg, img_size=img_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         device=CPU, seed=seed, rank=rank, world_size=world_size)
+
+
+def synthetic(**fields):
+    return config(**{"name": "synthetic", "synthetic_train_size": 96, "synthetic_test_size": 50, **fields})
+
+
+def one_line_error(call, *expected: str) -> str:
+    """Run call, expecting a UserError whose one-line message names each of `expected`."""
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and all(part in message for part in expected), message
+    return message
+
+
+def planes_to_images(rows: np.ndarray) -> np.ndarray:
+    """CIFAR's row layout spelt out: 1024 red, then 1024 green, then 1024 blue bytes, each plane row-major."""
+    return np.stack([rows[:, c * 1024:(c + 1) * 1024].reshape(-1, 32, 32) for c in range(3)], axis=1)
+
+
+def epoch(loader, index=0, start=0):
+    return list(loader.batches(index, start))
+
+
+# ---- CIFAR files ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bytes_keys", [False, True], ids=["str-keys", "bytes-keys"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_reads_official_layouts(tmp_path, fake_cifar, name, bytes_keys):
+    written = fake_cifar(tmp_path, name, bytes_keys=bytes_keys)
+    train, test, class_names = data.load_cifar(name, str(tmp_path), download=False)
+    assert class_names == written["class_names"]
+    for split, (rows, labels) in ((train, written["train"]), (test, written["test"])):
+        assert split.images.dtype == torch.uint8 and split.images.shape == (len(rows), 3, 32, 32)
+        assert split.labels.dtype == torch.int64 and split.labels.tolist() == labels.tolist()
+        assert np.array_equal(split.images.numpy(), planes_to_images(rows))
+    # One pixel by hand: green plane (offset 1024), row 5, column 7 of the second test image.
+    assert test.images[1, 1, 5, 7] == written["test"][0][1, 1024 + 5 * 32 + 7]
+
+
+def test_real_cifar10_subset(cifar10_subset, shared_dir):
+    built = loaders(config(data_dir=str(cifar10_subset), download=False), batch_size=100)
+    assert built.num_classes == 10 and built.class_names == CIFAR10_CLASSES
+    assert len(built.train) == 5 and built.test.num_samples == 200
+    train, test, _ = data.load_cifar("cifar10", str(cifar10_subset), download=False)
+    assert train.images.shape == (500, 3, 32, 32) and test.images.shape == (200, 3, 32, 32)
+    assert train.images.dtype == torch.uint8
+    assert torch.bincount(train.labels).tolist() == [50] * 10 and torch.bincount(test.labels).tolist() == [20] * 10
+
+    with open(cifar10_subset / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    assert np.array_equal(test.images[:8].numpy(), planes_to_images(batch["data"][:8]))
+    assert test.labels[:8].tolist() == batch["labels"][:8]
+    # And against the JPEG the first test image came from, decoded by PIL as an (H, W, RGB) array.
+    cls, number = batch["filenames"][0].split("_", 1)
+    with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz", "r|gz") as tar:
+        jpeg = next(tar.extractfile(m).read() for m in tar if m.name == f"test/{cls}/{number}")
+    rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    assert np.array_equal(test.images[0].permute(1, 2, 0).numpy(), rgb)
+    assert CIFAR10_CLASSES[test.labels[0]] == cls
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def not_a_pickle(path):
+    path.write_bytes(b"this is not a pickle at all")
+
+
+def wrong_shape(path):
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, f)
+
+
+def no_labels(path):
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((4, 3072), np.uint8)}, f)
+
+
+def remove(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize("damage", [truncate, not_a_pickle, wrong_shape, no_labels, remove])
+def test_damaged_batch_file_is_one_line_error(tmp_path, fake_cifar, damage):
+    fake_cifar(tmp_path)
+    damage(tmp_path / "cifar-10-batches-py" / "data_batch_3")
+    one_line_error(lambda: loaders(config(data_dir=str(tmp_path))), "data_batch_3")
+
+
+def test_missing_folder_without_download(tmp_path):
+    one_line_error(lambda: loaders(config(data_dir=str(tmp_path), download=False)),
+                   "cifar-10-python.tar.gz", "cifar-10-batches-py", str(tmp_path))
+
+
+def test_extracts_an_archive_put_in_data_dir(tmp_path, fake_cifar):
+    written = fake_cifar(tmp_path / "made")
+    (tmp_path / "data").mkdir()
+    with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    train, _, _ = data.load_cifar("cifar10", str(tmp_path / "data"), download=False)
+    assert train.labels.tolist() == written["train"][1].tolist()
+
+
+def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    one_line_error(lambda: loaders(config(name="cifar100", data_dir=str(tmp_path))),
+                   "cifar-100-python.tar.gz", str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value", [("name", "imagenet"), ("padding_mode", "edge"),
+                                          ("auto_augment", "augmix"), ("normalize", "imagenet"),
+                                          ("crop_padding", -1), ("crop_padding", 32), ("mixup_alpha", -0.5)])
+def test_bad_config_is_one_line_error(field, value):
+    one_line_error(lambda: loaders(synthetic(**{field: value})), f"data.{field}")
+
+
+def test_batch_larger_than_shard_is_one_line_error():
+    one_line_error(lambda: loaders(synthetic(), batch_size=32, world_size=4), "128", "96")
+
+
+# ---- augmentation ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding_mode, numpy_mode", [("reflect", "reflect"), ("zeros", "constant")])
+def test_random_crop_flip_is_a_crop_of_the_padded_image(padding_mode, numpy_mode):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 3, 10, 12), dtype=np.uint8)  # not square: rows and columns differ
+    offsets = rng.integers(0, 9, (40, 2))
+    offsets[:2] = [[0, 0], [8, 8]]  # both extreme corners
+    flips = rng.random(40) < 0.5
+    out = data.random_crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips),
+                                4, padding_mode).numpy()
+    padded = np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)), mode=numpy_mode)
+    for i, (top, left) in enumerate(offsets):
+        crop = padded[i, :, top:top + 10, left:left + 12]
+        assert np.array_equal(out[i], crop[:, :, ::-1] if flips[i] else crop)
+
+
+def test_drawn_crop_offsets_stay_inside_the_padding():
+    augmentation = data.DeviceAugmentation(config(crop_padding=4), image_size=32)
+    params = augmentation.draw(np.random.default_rng(0), 10_000)
+    assert params.offsets.min() == 0 and params.offsets.max() == 8
+    assert 0.45 < params.flips.mean() < 0.55
+
+
+def test_flips_flip_and_nothing_else():
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    no_offset = torch.zeros(6, 2, dtype=torch.long)
+    flip = lambda flips: data.random_crop_flip(images, no_offset, flips, 0, "reflect")
+    assert torch.equal(flip(torch.ones(6, dtype=torch.bool)), images.flip(-1))
+    assert torch.equal(flip(torch.zeros(6, dtype=torch.bool)), images)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_grouped_policy_ops_equal_one_image_at_a_time(policy):
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
+    ops, magnitudes = data.draw_policy_ops(data.AUGMENT_POLICIES[policy], np.random.default_rng(0), 48, 32)
+    expected = images.clone()
+    for i in range(48):
+        for op, magnitude in zip(ops[i], magnitudes[i]):
+            expected[i:i + 1] = data.AUGMENT_OPS[data.OP_NAMES[op]][1](expected[i:i + 1], float(magnitude))
+    assert torch.equal(data.apply_policy_ops(images.clone(), ops, magnitudes), expected)
+    assert not torch.equal(expected, images)
+
+
+def test_randaugment_uses_magnitude_9_of_31():
+    ops, magnitudes = data.draw_policy_ops(data.AUGMENT_POLICIES["randaugment"], np.random.default_rng(0), 500, 32)
+    rotations = magnitudes[ops == data.OP_NAMES.index("Rotate")]
+    assert set(np.abs(rotations)) == {9.0} and (rotations < 0).any()  # 30 degrees * 9/30, either sign
+
+
+def test_mixup_targets_match_mixed_pixels():
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 4, 4)  # image i is all i
+    labels = torch.arange(8)
+    mixed, targets = data.LabelMixing(1.0, 0.0, 10)(images, labels, np.random.default_rng(0))
+    lam = targets[0, 0].item()
+    assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0))
+    assert targets[0, 7].item() == pytest.approx(1 - lam)
+
+
+def test_cutmix_targets_match_pasted_area():
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16)
+    mixed, targets = data.LabelMixing(0.0, 1.0, 8)(images, torch.arange(8), np.random.default_rng(3))
+    pasted = (mixed[0] == 7).float().mean().item()
+    assert set(mixed[0].unique().tolist()) <= {0.0, 7.0} and 0 < pasted < 1
+    assert targets[0, 7].item() == pytest.approx(pasted) and targets[0, 0].item() == pytest.approx(1 - pasted)
+
+
+def test_mixing_gives_soft_targets():
+    train = loaders(synthetic(mixup_alpha=0.8, cutmix_alpha=1.0)).train
+    for images, targets in epoch(train):
+        assert images.shape == (16, 3, 32, 32) and targets.shape == (16, 10) and targets.dtype == torch.float32
+        assert torch.allclose(targets.sum(1), torch.ones(16))
+
+
+# ---- loaders: determinism, sharding, evaluation -----------------------------------------------------------------
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_same_seed_same_batches_and_resume_from_any_batch():
+    cfg = synthetic(auto_augment="randaugment")
+    first = epoch(loaders(cfg).train, 1)
+    assert len(first) == 6 and first[0][0].dtype == torch.float32 and first[0][1].dtype == torch.int64
+    assert_same_batches(epoch(loaders(cfg).train, 1), first)
+    assert_same_batches(epoch(loaders(cfg).train, 1, start=4), first[4:])
+    assert not torch.equal(next(loaders(cfg, seed=1).train.batches(1))[0], first[0][0])
+    assert not torch.equal(next(loaders(cfg).train.batches(2))[0], first[0][0])
+
+
+def test_ranks_get_disjoint_equal_shards_that_cover_the_epoch():
+    world = 4
+    shards = [loaders(synthetic(), batch_size=8, rank=r, world_size=world).train.batch_indices(epoch=3)
+              for r in range(world)]
+    for step in range(3):  # 96 samples / (8 x 4) = 3 global batches
+        parts = [shards[r][step] for r in range(world)]
+        assert all(len(p) == 8 for p in parts) and len(set(np.concatenate(parts))) == 32
+    assert sorted(np.concatenate([np.concatenate(s) for s in shards]).tolist()) == list(range(96))
+
+
+def test_ranks_together_see_what_one_process_sees():
+    cfg = synthetic(auto_augment="trivialaugment")
+    single = epoch(loaders(cfg, batch_size=16).train)
+    ranks = [epoch(loaders(cfg, batch_size=8, rank=r, world_size=2).train) for r in range(2)]
+    assert_same_batches(single, [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*ranks)])
+
+
+def test_eval_sees_every_sample_once_unaugmented():
+    cfg = synthetic()
+    _, test, _ = data.make_synthetic(cfg)
+    parts = [loaders(cfg, eval_batch_size=7, rank=r, world_size=3).test for r in range(3)]
+    assert [p.num_samples for p in parts] == [16, 17, 17] and [len(p) for p in parts] == [3, 3, 3]
+    images, labels = (torch.cat(t) for t in zip(*[batch for p in parts for batch in epoch(p)]))
+    assert torch.equal(labels, test.labels)
+    assert torch.equal(images, preprocess_images(test.images, cfg, 32))
+
+
+def test_preprocess_normalises_and_resizes():
+    cfg = config()
+    mean, std = normalization(cfg)
+    mean_colour = torch.tensor(mean).mul(255).round().to(torch.uint8).view(1, 3, 1, 1).expand(2, 3, 32, 32)
+    assert preprocess_images(mean_colour, cfg, 32).abs().max() < 0.01
+    black_white = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 32, 32)
+    scaled = preprocess_images(black_white, config(normalize="inception"), 224)
+    assert scaled.shape == (2, 3, 224, 224)
+    assert torch.allclose(scaled[0], torch.tensor(-1.0)) and torch.allclose(scaled[1], torch.tensor(1.0))
+
+
+def test_loaders_resize_to_img_size():
+    built = loaders(synthetic(), img_size=48)
+    assert next(built.train.batches(0))[0].shape == (16, 3, 48, 48)
+    assert next(built.test.batches())[0].shape == (32, 3, 48, 48)
+
+
+def test_synthetic_is_deterministic_balanced_and_learnable():
+    cfg = synthetic()
+    train, test, names = data.make_synthetic(cfg)
+    again, _, _ = data.make_synthetic(cfg)
+    assert torch.equal(train.images, again.images) and names[0] == "class_0"
+    assert torch.bincount(test.labels).tolist() == [5] * 10
+    # A nearest-class-mean rule fitted on the training images already classifies the test images.
+    means = torch.stack([train.images[train.labels == c].float().mean(0) for c in range(10)]).flatten(1)
+    predicted = torch.cdist(test.images.float().flatten(1), means).argmin(1)
+    assert (predicted == test.labels).float().mean() > 0.9
+
+
+# ---- image folders --------------------------------------------------------------------------------------------
+
+def write_image_folder(root, per_class_train=6, per_class_val=3):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class_train), ("val", per_class_val)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_imagefolder_loaders(tmp_path):
+    write_image_folder(tmp_path)
+    built = loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=0, auto_augment="randaugment"),
+                    img_size=24, batch_size=4, eval_batch_size=4)
+    assert built.class_names == ["cat", "dog"] and len(built.train) == 3
+    batches = epoch(built.train, 0)
+    assert [x.shape for x, _ in batches] == [(4, 3, 24, 24)] * 3 and batches[0][0].dtype == torch.float32
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == [0] * 6 + [1] * 6
+    assert [y.tolist() for _, y in epoch(built.train, 0, start=2)] == [batches[2][1].tolist()]
+    assert torch.cat([y for _, y in epoch(built.test)]).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_unreadable_image_is_one_line_error_from_a_worker(tmp_path):
+    write_image_folder(tmp_path, per_class_train=1)
+    (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    built = loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=1), batch_size=3)
+    one_line_error(lambda: epoch(built.train), "broken.png")
+
+
+def test_imagefolder_without_train_folder(tmp_path):
+    one_line_error(lambda: loaders(config(name="imagefolder", data_dir=str(tmp_path))), "train", str(tmp_path))
