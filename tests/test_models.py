@@ -198,6 +198,7 @@ def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
         load_pretrained(create_model("testing"), tmp_path / "wide.pth")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the hostile file's protocol
 def test_pickled_objects_and_non_checkpoints_are_refused(tmp_path):
     import pickle
 
