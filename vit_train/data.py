@@ -329,9 +329,10 @@ def apply_policy_ops(images: torch.Tensor, ops: np.ndarray, magnitudes: np.ndarr
     torchvision's ops take one magnitude per call, so the samples that share (op, magnitude) in a round go
     through one batched call: RandAugment's fixed magnitude makes that at most 22 calls a round whatever the
     batch size; TrivialAugment's random magnitudes make it a few hundred for a batch of 512, close to one call
-    per sample. On one CPU thread at 32 px and batch 512 (scripts/bench_data.py) the fast path goes from about
-    110k images/s without a policy to about 23k with RandAugment and 13k with TrivialAugment; on a GPU the calls
-    are small kernel launches. Changes `images` in place.
+    per sample. On one CPU thread of a shared 2-core machine at 32 px and batch 512 (scripts/bench_data.py), the
+    fast path measured about 110k images/s without a policy, 23k with RandAugment and 13k with TrivialAugment,
+    each varying up to 2x with the machine's load; on a GPU the calls are small kernel launches. Changes `images`
+    in place.
     """
     identity = OP_NAMES.index("Identity")
     for k in range(ops.shape[1]):
