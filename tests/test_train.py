@@ -1,0 +1,241 @@
+"""The training loop: it learns, resumes exactly, stops cleanly on signals, scales across processes, refuses bad
+checkpoints. Every run is the tiny `testing` model for a few dozen steps."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vit_train.train
+from vit_train.checkpoint import load_checkpoint
+from vit_train.cli import train_main
+from vit_train.config import resolve_config
+from vit_train.errors import UserError
+from vit_train.models import create_model
+from vit_train.train import param_groups, train, warmup_cosine, warmup_linear
+
+# The testing model keeps its dropout of 0.1, so exact resumption also covers the dropout generator.
+TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
+        "data.synthetic_test_size": 128, "batch_size": 32, "schedule.steps": 30, "schedule.warmup_steps": 3,
+        "optim.lr": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5, "quiet": True}
+NO_DROPOUT = {"model.transformer.dropout_rate": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from two, and on a busy shared machine two threads that
+    wait on each other run up to 20x slower. Module-wide, so that runs compared bit for bit share it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, name, **overrides):
+    """Train TINY (+ overrides, dotted keys spelled with __) in tmp_path/name; returns the final metrics."""
+    overrides = {key.replace("__", "."): value for key, value in overrides.items()}
+    return train(resolve_config({**TINY, "output_dir": str(tmp_path), "name": name, **overrides}))
+
+
+def cli_sets(**overrides):
+    """TINY (+ overrides) as vit-train --set arguments."""
+    settings = {**TINY, **{key.replace("__", "."): value for key, value in overrides.items()}}
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def eval_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: r[k] for k in ("step", "eval_loss", "eval_accuracy")} for r in map(json.loads, lines)]
+
+
+def assert_same_weights(run_a, run_b, **tolerance):
+    a, b = load_checkpoint(run_a)["model"], load_checkpoint(run_b)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        if tolerance:
+            torch.testing.assert_close(a[key], b[key], **tolerance)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(4, 4, 20) == 1.0 and warmup_cosine(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)
+    assert warmup_linear(4, 4, 20) == 1.0 and warmup_linear(12, 4, 20) == 0.5 and warmup_linear(20, 4, 20) == 0.0
+    assert warmup_cosine(0, 0, 10) == 1.0
+
+
+def test_no_weight_decay_on_biases_norms_position_embeddings_and_cls_token():
+    model = create_model("testing")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "head.bias", "blocks.0.attn.qkv.bias"} <= exempt
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if n not in exempt}
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_learns_on_synthetic_and_writes_the_run_directory(tmp_path):
+    final = run(tmp_path, "synthetic", schedule__steps=60, eval_every=20, save_every=30)
+    run_dir = tmp_path / "synthetic"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [20, 40, 60]
+    for record in records:
+        assert {"step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "lr", "images_per_sec"} <= record.keys()
+        assert 0 <= record["eval_accuracy"] <= 1
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"] - 0.2
+    assert final["eval_accuracy"] > 0.5 and final["eval_loss"] == records[-1]["eval_loss"]
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)  # plain tensors and values only
+    assert checkpoint["step"] == 60 and checkpoint["epoch"] == 3 and checkpoint["batch_in_epoch"] == 12
+    assert checkpoint["metrics"]["eval_accuracy"] == final["eval_accuracy"]
+    assert checkpoint["best_accuracy"] == max(r["eval_accuracy"] for r in records)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    assert {"torch", "cuda", "numpy", "python"} <= checkpoint["rng"][0].keys()
+    assert checkpoint["class_names"][0] == "class_0" and checkpoint["config"]["num_classes"] == 10
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved == json.loads(json.dumps(checkpoint["config"]))
+    assert load_checkpoint(run_dir / "best.pt")["best_accuracy"] == checkpoint["best_accuracy"]
+
+
+def test_learns_on_a_real_cifar10_subset(tmp_path, cifar10_subset):
+    run(tmp_path, "cifar", data__name="cifar10", data__data_dir=str(cifar10_subset), data__download=False,
+        schedule__steps=60, eval_every=20, save_every=0)
+    records = eval_records(tmp_path / "cifar")
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"] - 0.05
+    assert records[-1]["eval_accuracy"] > 0.2  # chance is 0.1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 30-step run to compare interrupted ones with."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    return tmp_path / "straight", run(tmp_path, "straight")
+
+
+def interrupt_at(monkeypatch, call, action):
+    """Make the `call`-th train_step do `action` (before the step: a crash; after it: a signal)."""
+    real_step, calls = vit_train.train.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == call and action == "crash":
+            raise RuntimeError("power cut")
+        loss = real_step(*args)
+        if len(calls) == call and action == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(vit_train.train, "train_step", step)
+
+
+@pytest.mark.parametrize("action", ["crash", "sigterm"])
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(action, tmp_path, monkeypatch,
+                                                                        uninterrupted):
+    straight_dir, straight = uninterrupted
+    interrupt_at(monkeypatch, 16, action)
+    if action == "crash":  # dies in step 16: the step-10 checkpoint is what is left
+        with pytest.raises(RuntimeError, match="power cut"):
+            run(tmp_path, "interrupted")
+        saved_step = 10
+    else:  # SIGTERM during step 16: the step finishes, last.pt is written, the run returns
+        stopped = run(tmp_path, "interrupted")
+        assert stopped["stopped_by"] == signal.SIGTERM and stopped["step"] == 16
+        saved_step = 16
+    monkeypatch.undo()
+    run_dir = tmp_path / "interrupted"
+    assert load_checkpoint(run_dir)["step"] == saved_step
+
+    resumed = train(resolve_config({"resume": str(run_dir)}))
+    assert resumed["step"] == 30 and resumed["stopped_by"] == 0
+    assert (resumed["eval_loss"], resumed["eval_accuracy"]) == (straight["eval_loss"], straight["eval_accuracy"])
+    assert eval_records(run_dir) == eval_records(straight_dir)  # nothing logged twice, nothing missing
+    assert_same_weights(run_dir, straight_dir)
+
+
+def test_sigterm_to_the_command_saves_and_prints_how_to_resume(tmp_path):
+    command = [sys.executable, "-m", "vit_train.train", "--output-dir", str(tmp_path), "--name", "long",
+               *cli_sets(schedule__steps=5000, save_every=0)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step 10/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert f"Resume with: vit-train --resume {tmp_path / 'long'}" in out
+    step = load_checkpoint(tmp_path / "long")["step"]
+    assert 10 <= step < 5000
+
+    assert train_main(["--resume", str(tmp_path / "long"), "--steps", str(step + 5)]) == 0
+    assert load_checkpoint(tmp_path / "long")["step"] == step + 5
+
+
+def test_gradient_accumulation_4x16_matches_1x64(tmp_path):
+    # SGD: its update is linear in the gradient, so the weights show the gradients' agreement (Adam's
+    # normalisation would blow float rounding up for parameters whose gradients are near zero).
+    common = dict(batch_size=64, schedule__steps=8, eval_every=0, save_every=0, optim__name="sgd", optim__lr=0.1,
+                  **NO_DROPOUT)
+    whole = run(tmp_path, "whole", **common)
+    accumulated = run(tmp_path, "accumulated", grad_accum=4, **common)
+    assert accumulated["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-5)
+    assert_same_weights(tmp_path / "whole", tmp_path / "accumulated", rtol=1e-4, atol=1e-5)
+
+
+def torchrun(*args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vit_train.train", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_gloo_processes_match_one_and_resume(tmp_path):
+    sets = cli_sets(schedule__steps=20, **NO_DROPOUT)
+    single = run(tmp_path, "single", schedule__steps=20, **NO_DROPOUT)
+    double = torchrun("--output-dir", str(tmp_path), "--name", "double", *sets)
+    out, err = double.communicate(timeout=300)
+    assert double.returncode == 0, err
+    final = eval_records(tmp_path / "double")[-1]
+    assert final["step"] == 20
+    assert final["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-4)
+    assert final["eval_accuracy"] == pytest.approx(single["eval_accuracy"], abs=1 / 128)
+    assert len(load_checkpoint(tmp_path / "double")["rng"]) == 2  # each process's generators
+
+    # Interrupted with SIGTERM (torchrun passes it on to both processes), then resumed under torchrun.
+    interrupted = torchrun("--output-dir", str(tmp_path), "--name", "interrupted", *sets,
+                           "--set", "schedule.steps=2000", "--set", "save_every=0")
+    for line in interrupted.stdout:
+        if line.startswith("step 5/"):
+            interrupted.send_signal(signal.SIGTERM)
+            break
+    interrupted.communicate(timeout=120)
+    step = load_checkpoint(tmp_path / "interrupted")["step"]
+    assert 5 <= step < 2000
+    resumed = torchrun("--resume", str(tmp_path / "interrupted"), "--steps", str(step + 5))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert load_checkpoint(tmp_path / "interrupted")["step"] == step + 5
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(UserError, match=r"training diverged: .* non-finite at step (\d+); .*last\.pt still holds"):
+        run(tmp_path, "diverging", optim__lr=1e30, schedule__warmup_steps=0, optim__grad_clip=0.0, save_every=1,
+            eval_every=0, log_every=1)
+    checkpoint = load_checkpoint(tmp_path / "diverging")
+    assert checkpoint["step"] >= 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_on_the_cpu(precision, tmp_path):
+    final = run(tmp_path, precision, precision=precision, schedule__steps=5, eval_every=0, save_every=0)
+    assert math.isfinite(final["train_loss"]) and math.isfinite(final["eval_loss"])
+    assert bool(load_checkpoint(tmp_path / precision)["scaler"]) == (precision == "fp16")  # fp16 scales the loss

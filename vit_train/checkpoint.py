@@ -1,0 +1,102 @@
+"""Checkpoints: one file holds all a run needs to continue exactly, and loading it can never run code.
+
+A checkpoint is a dict of tensors and plain Python values, saved with `torch.save` and read back with
+`torch.load(weights_only=True)`, which refuses anything else. It holds:
+
+    model           the unwrapped model's state dict (no 'module.' or '_orig_mod.' prefixes)
+    optimizer, scheduler, scaler     their state dicts (scaler: {} when fp16 loss scaling is off)
+    step, epoch, batch_in_epoch      optimizer steps done; where in the data order the next step starts
+    rng             one dict per process (rank): the torch, CUDA, numpy and python generator states
+    config          the resolved config as a plain dict
+    class_names     the dataset's class names, in label order
+    metrics         the last evaluation: {step, eval_loss, eval_accuracy}, or {} before the first
+    best_accuracy   the best eval accuracy so far (-1.0 before the first evaluation)
+
+Writes are atomic (temporary file, fsync, rename), so a crash mid-save leaves the previous file intact.
+"""
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vit_train.errors import UserError
+
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "config")
+
+
+def checkpoint_path(path) -> Path:
+    """A run directory means its last.pt."""
+    path = Path(path)
+    return path / "last.pt" if path.is_dir() else path
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write `state` to `path` atomically: the file is either the old one or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path) -> dict:
+    """The checkpoint at `path` (a file, or a run directory for its last.pt), tensors on the CPU.
+
+    Memory-mapped, so reading only the config of a large checkpoint is cheap. A file that is missing, is not a
+    vit-train checkpoint, or holds pickled Python objects (which could run code when loaded) is a UserError.
+    """
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; give a run directory or its last.pt / best.pt")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a vit-train checkpoint (not a file written by torch.save)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"refusing {path}: it holds a pickled Python object{what}, which could run code when "
+                        "loaded; vit-train checkpoints hold only tensors and plain values") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path} is not a vit-train checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in REQUIRED_KEYS):
+        raise UserError(f"{path} is not a vit-train checkpoint (it lacks {', '.join(REQUIRED_KEYS)})")
+    return checkpoint
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator this process draws from, in types `torch.load(weights_only=True)` accepts.
+
+    The data order needs none: it is a pure function of (seed, epoch, batch), saved as step/epoch/batch_in_epoch.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
