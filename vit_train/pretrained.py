@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from vit_train.errors import UserError
 
 
-def load_pretrained(model: torch.nn.Module, path) -> list:
-    """Load the weights at `path` into `model` in place; returns notes on what was adapted, for the user."""
+def load_pretrained(model: torch.nn.Module, path, new_head: bool = True) -> list:
+    """Load the weights at `path` into `model` in place; returns notes on what was adapted, for the user.
+
+    new_head=False (evaluation) refuses a head of another class count instead of starting it from zeros.
+    """
     state_dict = read_weights(path)
     notes = []
     if "pos_embed" in state_dict:
@@ -32,6 +35,9 @@ def load_pretrained(model: torch.nn.Module, path) -> list:
     own = model.state_dict()
     head_shape = tuple(state_dict.get("head.weight", torch.empty(0)).shape)
     if "head.weight" in state_dict and head_shape != tuple(own["head.weight"].shape):
+        if not new_head:
+            raise UserError(f"{path} has a head of {head_shape[0]} classes and the model {model.num_classes}; "
+                            "give weights fine-tuned on this dataset, or fine-tune these with vit-train --pretrained")
         del state_dict["head.weight"], state_dict["head.bias"]
         notes.append(f"the checkpoint's head has {head_shape[0]} classes and the model {model.num_classes}: "
                      f"the head starts from zeros (fine-tuning)")
