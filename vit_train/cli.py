@@ -4,17 +4,20 @@ Every entry point is wrapped by `entry_point`, which prints a UserError as one l
 stderr and exits with status 2; `Parser` makes argparse's own usage errors UserErrors too.
 
     vit-train   train_main: flags -> vit_train.config.resolve_config -> vit_train.train.train
+    vit-eval, vit-predict, vit-attention, vit-export
+                eval_main, predict_main, attention_main, export_main: checkpoint -> vit_train.evaluate
 """
 import argparse
 import functools
 import os
 import sys
 
+from vit_train import evaluate
 from vit_train.config import DEFAULT_RECIPES, get_key, load_recipe, resolve_config
-from vit_train.data import DATASETS
+from vit_train.data import DATASETS, NORMALIZATIONS
 from vit_train.errors import UserError
 from vit_train.models import list_models
-from vit_train.train import PRECISIONS, train
+from vit_train.train import PRECISIONS, resolve_device, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -135,3 +138,169 @@ def train_main(argv=None):
         return 0
     stopped_by = train(config_from_args(args))["stopped_by"]
     return 128 + stopped_by if stopped_by else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vit-eval, vit-predict, vit-attention, vit-export: looking at a trained model (vit_train/evaluate.py)
+
+def add_checkpoint_flag(parser, required=True):
+    parser.add_argument("--checkpoint", required=required, metavar="RUN_DIR|FILE",
+                        help="a vit-train checkpoint: a run directory (its last.pt) or a .pt file such as best.pt")
+
+
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto, the GPU when "
+                                                         "there is one)")
+
+
+EVAL_DESCRIPTION = """\
+Evaluate a model on its dataset's test split: top-1 and top-5 accuracy, loss, per-class accuracy and the
+confusion matrix. The model, image size, data config and precision come from the checkpoint (flags below
+override the data), so the accuracy is the one vit-train logged for that checkpoint. Foreign weights (Google
+.npz, timm .pth/.safetensors) are evaluated with --model and --pretrained instead, as the fine-tuning recipe
+sees data (224 px, inputs scaled to [-1, 1]); their head must have one output per class of the dataset."""
+
+EVAL_EPILOG = """\
+examples:
+  vit-eval --checkpoint runs/NAME                        # last.pt of a run
+  vit-eval --checkpoint runs/NAME/best.pt --json eval.json --plot confusion.png
+  vit-eval --model ViT-B_16 --pretrained ViT-B_16_cifar10.npz --dataset cifar10"""
+
+
+def eval_parser():
+    parser = Parser(prog="vit-eval", description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_flag(parser, required=False)
+    parser.add_argument("--model", metavar="NAME", help="with --pretrained: the weights' model config name")
+    parser.add_argument("--pretrained", metavar="PATH", help="evaluate these weights instead of a checkpoint")
+    parser.add_argument("--img-size", type=int, metavar="PX", help="with --pretrained: image side (default: 224)")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's (cifar10 with --pretrained)")
+    parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the checkpoint's, ./data)")
+    parser.add_argument("--no-download", action="store_true", help="never download the dataset")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, help="input normalisation: the dataset's mean and "
+                        "std, or inception's [-1, 1] (default: the checkpoint's; inception with --pretrained)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch (default: the checkpoint's)")
+    add_device_flag(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON: accuracy, top5_accuracy, "
+                        "loss, per_class_accuracy, confusion_matrix (rows: true class), num_samples, class_names")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix (needs matplotlib: "
+                        "pip install 'vit-train[plot]')")
+    return parser
+
+
+def apply_eval_flags(config, args):
+    """--dataset, --data-dir, --no-download, --normalize and --batch-size replace the config's values."""
+    if args.dataset:
+        config.data.name = args.dataset
+    if args.normalize:
+        config.data.normalize = args.normalize
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    if args.no_download:
+        config.data.download = False
+    if args.batch_size is not None:
+        config.eval_batch_size = args.batch_size
+
+
+@entry_point
+def eval_main(argv=None):
+    """vit-eval: print the test-set report; --json and --plot write it to files."""
+    args = eval_parser().parse_args(argv)
+    if bool(args.checkpoint) == bool(args.pretrained) or bool(args.model) != bool(args.pretrained):
+        raise UserError("give --checkpoint, or --model and --pretrained (see vit-eval --help)")
+    if args.checkpoint and args.img_size:
+        raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was trained at")
+    for path in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
+        evaluate.check_writable(path)
+    if args.plot:
+        evaluate.require_matplotlib()
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        loaded = evaluate.load_trained_model(args.checkpoint, device)
+        apply_eval_flags(loaded.config, args)
+        loaders = evaluate.eval_loaders(loaded.config, device)
+        evaluate.check_class_count(loaded, loaders.class_names)
+    else:
+        config = evaluate.pretrained_config(args.model, args.img_size)
+        apply_eval_flags(config, args)
+        loaders = evaluate.eval_loaders(config, device)
+        loaded, notes = evaluate.load_pretrained_model(config, args.pretrained, loaders.class_names, device)
+        for note in notes:
+            print(f"note: {note}")
+    report = evaluate.evaluate(loaded.model, loaders.test, loaders.class_names, device, loaded.config.precision)
+    print(evaluate.format_report(report))
+    if args.json:
+        evaluate.write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        evaluate.plot_confusion_matrix(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def predict_parser():
+    parser = Parser(prog="vit-predict", description="Print the most likely classes of image files of any size and "
+                    "format, resized and normalised as the test split is.")
+    add_checkpoint_flag(parser)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
+    add_device_flag(parser)
+    return parser
+
+
+@entry_point
+def predict_main(argv=None):
+    """vit-predict: for each image, its top-k classes with their probabilities."""
+    args = predict_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device))
+    images = [evaluate.read_image(path) for path in args.images]  # a bad file fails before any output
+    for path, image in zip(args.images, images):
+        print(path)
+        for name, probability in evaluate.predict(loaded, image, args.top_k):
+            print(f"  {probability:.4f}  {name}")
+    return 0
+
+
+def attention_parser():
+    parser = Parser(prog="vit-attention", description="Draw the attention rollout (Abnar & Zuidema 2020) of the "
+                    "CLS token over an image, beside the image, as a PNG; print the top classes.")
+    add_checkpoint_flag(parser)
+    parser.add_argument("image", metavar="IMAGE", help="an image file of any size (PNG, JPEG, ...)")
+    parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    add_device_flag(parser)
+    return parser
+
+
+@entry_point
+def attention_main(argv=None):
+    """vit-attention: write [image | attention rollout over the image] to --out."""
+    args = attention_parser().parse_args(argv)
+    evaluate.check_writable(args.out)
+    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device))
+    panel, top = evaluate.attention_figure(loaded, evaluate.read_image(args.image))
+    evaluate.save_png(panel, args.out)
+    print(f"{args.image}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in top))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def export_parser():
+    parser = Parser(prog="vit-export", description="Write a checkpoint's weights for inference: a state dict in "
+                    "timm's names that timm.create_model loads, and beside it a JSON with our config, the class "
+                    "names, the input normalisation and the timm.create_model arguments.")
+    add_checkpoint_flag(parser)
+    parser.add_argument("--out", required=True, metavar="FILE.pth", help="the weights file; the JSON gets its name "
+                        "with the suffix .json")
+    return parser
+
+
+@entry_point
+def export_main(argv=None):
+    """vit-export: weights to --out, config to --out with the suffix .json."""
+    args = export_parser().parse_args(argv)
+    config_path = evaluate.export(evaluate.load_trained_model(args.checkpoint, "cpu"), args.out)
+    print(f"wrote {args.out} and {config_path}; in Python: "
+          f"timm.create_model(**json.load(open({str(config_path)!r}))['timm'])")
+    return 0

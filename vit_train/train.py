@@ -363,6 +363,8 @@ def train(config):
     """Run a resolved config (vit_train.config.resolve_config) to its end and return the final metrics:
     {step, train_loss, eval_loss, eval_accuracy, best_accuracy, images_per_sec, run_dir, stopped_by}, where
     stopped_by is the number of the signal that interrupted the run, or 0 when it ran to the end."""
+    from vit_train.evaluate import attention_image  # here, not at the top: vit_train.evaluate imports this module
+
     with distributed(config.device) as (rank, world_size, device), stop_signals() as received, \
             contextlib.ExitStack() as cleanup:
         # Each process resolved the config on its own; the run name (a timestamp by default) is rank 0's.
@@ -429,6 +431,7 @@ def train(config):
             (run_dir / "config.json").write_text(config.to_json(indent=2) + "\n")
             log = RunLog(run_dir, config, step, total_steps)
             cleanup.callback(log.close)  # also when the run fails: flush TensorBoard, end the progress bar
+            attention_samples = next(loaders.test.batches(0))[0][:4]  # TensorBoard shows their attention maps
             grid = config.img_size // config.model.patches.size[0]
             log.print(f"{config.model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                       f"{grid}x{grid} patches of {config.img_size}px images) on {config.data.name}: "
@@ -466,6 +469,7 @@ def train(config):
                 if log:
                     log.eval({**metrics, "epoch": step / steps_per_epoch, "train_loss": train_loss, "lr": lr,
                               "images_per_sec": images_per_sec})
+                    log.writer.add_image("eval/attention", attention_image(model, attention_samples, config.data), step)
                 if eval_accuracy > best_accuracy:
                     best_accuracy = eval_accuracy
                     save("best.pt")

@@ -1,0 +1,287 @@
+"""vit-eval, vit-predict, vit-attention, vit-export on a checkpoint trained for a few steps on real CIFAR-10.
+
+The checkpoint is the tiny `testing` model (8x8 patches of 4 px) trained for 30 steps on the conftest subset
+(500 training and 200 test images); its evaluation batch of 64 leaves a partial last batch.
+"""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit_train import evaluate
+from vit_train.cli import attention_main, eval_main, export_main, predict_main
+from vit_train.config import resolve_config
+from vit_train.data import load_cifar
+from vit_train.errors import UserError
+from vit_train.models import create_model
+from vit_train.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(cifar10_subset, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("runs")
+    train(resolve_config({
+        "model_name": "testing", "data.data_dir": str(cifar10_subset), "data.download": False,
+        "batch_size": 50, "eval_batch_size": 64, "schedule.steps": 30, "schedule.warmup_steps": 0,
+        "optim.lr": 3e-3, "eval_every": 15, "save_every": 15, "quiet": True,
+        "output_dir": str(output_dir), "name": "run"}))
+    return output_dir / "run"
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A PNG and a JPEG of sizes no CIFAR model was trained on."""
+    rng = np.random.default_rng(0)
+    png, jpeg = tmp_path / "wide.png", tmp_path / "tall.jpg"
+    Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(png)
+    Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(jpeg)
+    return png, jpeg
+
+
+def one_line_error(capsys, status, fragment):
+    """The command failed with status 2 and said `fragment` in a single line."""
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vit-eval
+
+def test_eval_json_matches_the_training_log(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert eval_main(["--checkpoint", str(run_dir), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+    assert logged["step"] == 30
+    assert report["accuracy"] == logged["eval_accuracy"]
+    assert report["loss"] == pytest.approx(logged["eval_loss"], rel=1e-9)
+    assert report["num_samples"] == 200
+    confusion = np.array(report["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 200
+    assert confusion.trace() / 200 == report["accuracy"]
+    for i, name in enumerate(report["class_names"]):
+        assert report["per_class_accuracy"][name] == confusion[i, i] / confusion[i].sum()
+    assert report["accuracy"] <= report["top5_accuracy"] <= 1
+    assert report["accuracy"] > 0.1  # 30 steps learn something; a broken pipeline stays at chance or below
+    assert "airplane" in printed and "confusion matrix" in printed and f"{report['accuracy']:.4f}" in printed
+
+
+def test_eval_of_best_checkpoint_matches_its_saved_metrics(run_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    assert eval_main(["--checkpoint", str(run_dir / "best.pt"), "--json", str(out)]) == 0
+    saved = torch.load(run_dir / "best.pt", weights_only=True)["metrics"]
+    assert json.loads(out.read_text())["accuracy"] == saved["eval_accuracy"]
+
+
+def test_eval_plot_draws_the_confusion_matrix(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "confusion.png"
+    assert eval_main(["--checkpoint", str(run_dir), "--plot", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_eval_plot_without_matplotlib_says_how_to_get_it_and_writes_nothing(run_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    out = tmp_path / "eval.json"
+    status = eval_main(["--checkpoint", str(run_dir), "--json", str(out), "--plot", str(tmp_path / "c.png")])
+    one_line_error(capsys, status, "pip install 'vit-train[plot]'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_exported_weights_with_pretrained_matches_the_checkpoint(run_dir, tmp_path):
+    weights, out = tmp_path / "weights.pth", tmp_path / "eval.json"
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(weights)]) == 0
+    data_dir = load_json_config(run_dir)["data"]["data_dir"]
+    assert eval_main(["--model", "testing", "--pretrained", str(weights), "--img-size", "32", "--data-dir",
+                      data_dir, "--normalize", "dataset", "--json", str(out)]) == 0
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads(out.read_text())["accuracy"] == logged["eval_accuracy"]
+
+
+def load_json_config(run_dir):
+    return json.loads((run_dir / "config.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vit-predict and vit-attention
+
+def test_predict_prints_top_k_for_a_png_and_a_jpeg(run_dir, images, capsys):
+    assert predict_main(["--checkpoint", str(run_dir), "--top-k", "3", *map(str, images)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    class_names = evaluate.load_trained_model(run_dir, "cpu").class_names
+    assert [lines[0], lines[4]] == [str(images[0]), str(images[1])] and len(lines) == 8
+    for block in (lines[1:4], lines[5:8]):
+        probabilities = [float(line.split()[0]) for line in block]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+        assert len({line.split()[1] for line in block} - set(class_names)) == 0
+
+
+def test_predict_sees_an_image_file_as_evaluation_sees_the_test_split(run_dir, tmp_path):
+    """A test image written to a PNG gets the probabilities the model gives it inside the evaluation loader."""
+    loaded = evaluate.load_trained_model(run_dir, "cpu")
+    _, test, class_names = load_cifar("cifar10", loaded.config.data.data_dir, download=False)
+    path = tmp_path / "test0.png"
+    Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).save(path)
+    predicted = dict(evaluate.predict(loaded, evaluate.read_image(path), top_k=10))
+
+    loader = evaluate.eval_loaders(loaded.config, "cpu").test
+    with torch.no_grad():
+        expected = loaded.model(next(loader.batches(0))[0][:1]).softmax(dim=1)[0]
+    assert [predicted[name] for name in class_names] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_attention_draws_the_image_beside_its_rollout_for_a_png_and_a_jpeg(run_dir, images, tmp_path, capsys):
+    for image in images:
+        out = tmp_path / f"{image.stem}_attention.png"
+        assert attention_main(["--checkpoint", str(run_dir), str(image), "--out", str(out)]) == 0
+        with Image.open(image) as source, Image.open(out) as drawn:
+            width, height = source.size
+            assert drawn.format == "PNG"
+            assert max(drawn.size[0] // 2, drawn.size[1]) == 384  # the longer side of each half
+            assert abs(drawn.size[0] / 2 / drawn.size[1] - width / height) < 0.03  # the aspect ratio is kept
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_rollout_multiplies_residual_averaged_layers():
+    torch.manual_seed(0)
+    layers = [torch.rand(2, 3, 5, 5).softmax(dim=-1) for _ in range(3)]  # (B, heads, T, T)
+    expected = torch.eye(5).expand(2, 5, 5)
+    for probs in layers:
+        averaged = 0.5 * probs.mean(dim=1) + 0.5 * torch.eye(5)  # rows already sum to 1, so + I halves them
+        expected = averaged @ expected
+    rollout = evaluate.attention_rollout(layers)
+    torch.testing.assert_close(rollout, expected)
+    torch.testing.assert_close(rollout.sum(dim=-1), torch.ones(2, 5))
+    # Attention only to itself at every layer rolls out to the identity: nothing flows between tokens.
+    torch.testing.assert_close(evaluate.attention_rollout([torch.eye(5).expand(1, 2, 5, 5)] * 2), torch.eye(5)[None])
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_attention_map_covers_the_patch_grid_in_zero_to_one(classifier):
+    model = create_model("testing", img_size=32, num_classes=10, classifier=classifier).eval()
+    logits, heat = evaluate.attention_map(model, torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 10) and heat.shape == (3, 8, 8)
+    assert heat.amin(dim=(1, 2)).tolist() == [0, 0, 0] and heat.amax(dim=(1, 2)).tolist() == pytest.approx([1] * 3)
+
+
+def test_attention_image_for_tensorboard(run_dir):
+    loaded = evaluate.load_trained_model(run_dir, "cpu")
+    images = next(evaluate.eval_loaders(loaded.config, "cpu").test.batches(0))[0][:4]
+    loaded.model.train()
+    picture = evaluate.attention_image(loaded.model, images, loaded.config.data)
+    assert picture.shape == (3, 4 * 96, 2 * 96) and 0 <= picture.min() and picture.max() <= 1
+    assert loaded.model.training  # left as it was found
+
+
+def test_training_logs_an_attention_image_at_each_evaluation(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
+    assert [event.step for event in events.Images("eval/attention")] == [15, 30]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vit-export
+
+def test_export_loads_into_timm_with_our_logits(run_dir, tmp_path):
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "vit.pth"
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["model_name"] == "testing" and len(card["class_names"]) == 10 and card["img_size"] == 32
+
+    ours = evaluate.load_trained_model(run_dir, "cpu").model
+    assert_same_logits(timm.create_model(**card["timm"]), ours)  # builds the network and loads the file itself
+    sizes = {key: card["timm"][key] for key in ("img_size", "patch_size", "num_classes", "embed_dim", "depth",
+                                                 "num_heads", "mlp_ratio")}
+    plain = timm.create_model("vit_tiny_patch16_224", **sizes)
+    plain.load_state_dict(torch.load(out, weights_only=True))
+    assert_same_logits(plain, ours)
+
+
+def test_export_of_a_global_average_pooling_model_loads_into_timm(tmp_path):
+    timm = pytest.importorskip("timm")
+    config = resolve_config({"model_name": "testing", "model.classifier": "gap", "data.name": "synthetic",
+                             "output_dir": str(tmp_path)})
+    model = create_model("testing", img_size=32, num_classes=10, classifier="gap")
+    with torch.no_grad():
+        for param in model.parameters():  # the default initialisation zeroes the head: random weights instead
+            param.normal_(0, 0.2, generator=torch.Generator().manual_seed(param.numel()))
+    loaded = evaluate.LoadedModel(model.eval(), config, [f"class_{i}" for i in range(10)])
+    card = json.loads(evaluate.export(loaded, tmp_path / "gap.pth").read_text())
+    assert_same_logits(timm.create_model(**card["timm"]), model)
+
+
+def assert_same_logits(timm_model, ours):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.eval()(x), ours.eval()(x), atol=1e-4, rtol=0)
+
+
+def test_export_refuses_what_timm_cannot_hold_and_writes_nothing(run_dir, tmp_path):
+    loaded = evaluate.load_trained_model(run_dir, "cpu")
+    loaded.config.model.representation_size = 16
+    with pytest.raises(UserError, match="pre-logits"):
+        evaluate.export(loaded, tmp_path / "vit.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2.
+
+def test_missing_checkpoint(tmp_path, capsys):
+    one_line_error(capsys, eval_main(["--checkpoint", str(tmp_path / "nope.pt")]), "no checkpoint at")
+
+
+@pytest.mark.parametrize("main", [eval_main, export_main])
+def test_a_file_that_is_not_a_checkpoint(main, tmp_path, capsys):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    args = ["--checkpoint", str(path)] + (["--out", str(tmp_path / "w.pth")] if main is export_main else [])
+    one_line_error(capsys, main(args), "is not a vit-train checkpoint")
+
+
+def test_an_image_that_is_not_an_image(run_dir, tmp_path, capsys):
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("hello")
+    one_line_error(capsys, predict_main(["--checkpoint", str(run_dir), str(fake)]), "cannot read image")
+    out = tmp_path / "attention.png"
+    one_line_error(capsys, attention_main(["--checkpoint", str(run_dir), str(fake), "--out", str(out)]),
+                   "cannot read image")
+    assert not out.exists()
+
+
+def test_a_checkpoint_whose_class_count_does_not_match_the_dataset(run_dir, tmp_path, fake_cifar, capsys):
+    fake_cifar(tmp_path, "cifar100")
+    status = eval_main(["--checkpoint", str(run_dir), "--dataset", "cifar100", "--data-dir", str(tmp_path),
+                        "--no-download"])
+    one_line_error(capsys, status, "the model has 10 classes and the cifar100 test split 100")
+
+
+def test_pretrained_weights_whose_head_does_not_match_the_dataset(tmp_path, fake_cifar, capsys):
+    fake_cifar(tmp_path, "cifar100")
+    weights = tmp_path / "w.pth"
+    torch.save(create_model("testing", img_size=32, num_classes=10).state_dict(), weights)
+    status = eval_main(["--model", "testing", "--pretrained", str(weights), "--img-size", "32", "--dataset",
+                        "cifar100", "--data-dir", str(tmp_path), "--no-download"])
+    one_line_error(capsys, status, "has a head of 10 classes and the model 100")
+
+
+def test_json_into_a_missing_folder_fails_before_evaluating(run_dir, tmp_path, capsys):
+    status = eval_main(["--checkpoint", str(run_dir), "--json", str(tmp_path / "missing" / "eval.json")])
+    one_line_error(capsys, status, "does not exist")
+
+
+def test_checkpoint_and_pretrained_are_alternatives(run_dir, capsys):
+    one_line_error(capsys, eval_main([]), "give --checkpoint, or --model and --pretrained")
+    one_line_error(capsys, eval_main(["--checkpoint", str(run_dir), "--model", "testing"]), "give --checkpoint")
+    one_line_error(capsys, eval_main(["--checkpoint", str(run_dir), "--img-size", "64"]), "goes with --pretrained")
+
