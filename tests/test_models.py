@@ -247,6 +247,7 @@ def test_cpu_dropout_drops_p_and_keeps_the_expectation():
     y.sum().backward()
     assert torch.equal(x.grad == 0, y == 0)  # gradients flow exactly where values were kept
     assert torch.equal(dropout.eval()(x), x)
+    assert dropout.train()(x.detach().bfloat16()).dtype == torch.bfloat16  # autocast activations stay bf16
     torch.manual_seed(1)
     a = Dropout(0.1).train()(torch.ones(64))
     torch.manual_seed(1)

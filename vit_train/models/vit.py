@@ -27,9 +27,10 @@ class Dropout(nn.Module):
 
     On the CPU `F.dropout` draws one Bernoulli sample per element from a serial generator, and in a small ViT
     that costs more than the matmuls. Here one 64-bit draw gives four 16-bit integers, each compared with a
-    threshold: `p` is rounded to a multiple of 1/65536 (off by < 1e-5) and the kept values are scaled by
-    1/(1 - rounded p), so the expectation is exactly the input's. Other devices use `F.dropout`, whose fused
-    kernels are already fast.
+    threshold: `p` is rounded to a multiple of 1/65536 (off by < 1e-5) and kept values are scaled by
+    1/(1 - rounded p), so the expectation is exactly the input's. The comparison writes the scaled mask
+    (0 or 1/(1-p)) directly, so applying it forwards and backwards is one multiplication each. Other devices use
+    `F.dropout`, whose fused kernels are already fast.
     """
 
     def __init__(self, p: float):
@@ -44,8 +45,9 @@ class Dropout(nn.Module):
             return F.dropout(x, self.p, training=True)
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         uniform16 = words.view(torch.int16)[: x.numel()].view(x.shape)  # -32768..32767, uniform
-        drop = uniform16 < self.threshold - 32768
-        return x.masked_fill(drop, 0.0) * (65536 / (65536 - self.threshold))
+        # 0-dim tensors of x's dtype, so that a bf16 activation stays bf16
+        dropped, kept = x.new_zeros(()), x.new_full((), 65536 / (65536 - self.threshold))
+        return x * torch.where(uniform16 < self.threshold - 32768, dropped, kept)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
