@@ -432,7 +432,7 @@ def train(config):
             log = RunLog(run_dir, config, step, total_steps)
             cleanup.callback(log.close)  # also when the run fails: flush TensorBoard, end the progress bar
             attention_samples = next(loaders.test.batches(0))[0][:4]  # TensorBoard shows their attention maps
-            grid = config.img_size // config.model.patches.size[0]
+            grid = model.grid_size  # patches per side (the hybrid's ResNet stem downsamples first)
             log.print(f"{config.model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                       f"{grid}x{grid} patches of {config.img_size}px images) on {config.data.name}: "
                       f"{steps_per_epoch} steps per epoch of batch {config.batch_size} (processes: {world_size}, "
