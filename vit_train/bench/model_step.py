@@ -3,8 +3,9 @@
     python -m vit_train.bench.model_step                       # the two standard cases below
     python -m vit_train.bench.model_step --model ViT-S_4 --override num_layers=6 --batch-size 128 --precision bf16
 
-One step is forward + backward + AdamW update. The three implementations are timed in turn, round-robin,
-`--repeats` times, so that a noisy machine slows all of them alike; the medians are reported with their ratio.
+One step is forward + backward + AdamW update (fused, as the training loop runs it). The three implementations
+are timed in turn, round-robin, `--repeats` times, so that a noisy machine slows all of them alike; the medians
+are reported with their ratio.
 The hardware limit is measured in the same run: the machine's dense GEMM rate (square matmuls). The model's
 FLOPs per step are counted by `torch.utils.flop_counter`, so "fraction of the GEMM roofline" is achieved
 FLOP/s ÷ GEMM FLOP/s. On CUDA the same figure against the GPU's dense peak is MFU.
@@ -49,7 +50,7 @@ def synchronize(device: torch.device):
 
 
 def make_step(model, forward, images, labels, precision):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as vit-train's loop runs it
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
