@@ -11,6 +11,7 @@ FLOPs per step are counted by `torch.utils.flop_counter`, so "fraction of the GE
 FLOP/s ÷ GEMM FLOP/s. On CUDA the same figure against the GPU's dense peak is MFU.
 """
 import argparse
+import ast
 import statistics
 import time
 
@@ -132,7 +133,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     args.gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    overrides = {key: int(value) for key, value in (item.split("=", 1) for item in args.override)}
+    overrides = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.override)}
     cases = [(args.model, args.model, overrides, args.batch_size)] if args.model else STANDARD_CASES
     for case in cases:
         run_case(*case, args, device)
