@@ -239,3 +239,10 @@ def test_reduced_precision_on_the_cpu(precision, tmp_path):
     final = run(tmp_path, precision, precision=precision, schedule__steps=5, eval_every=0, save_every=0)
     assert math.isfinite(final["train_loss"]) and math.isfinite(final["eval_loss"])
     assert bool(load_checkpoint(tmp_path / precision)["scaler"]) == (precision == "fp16")  # fp16 scales the loss
+
+
+def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, capsys):
+    run(tmp_path, "short", schedule__steps=5, schedule__warmup_steps=500, eval_every=0, save_every=0)
+    assert "the 500-step warm-up is not shorter than the 5-step run" in capsys.readouterr().out
+    run(tmp_path, "fine", schedule__steps=5, schedule__warmup_steps=2, eval_every=0, save_every=0)
+    assert "warm-up" not in capsys.readouterr().out

@@ -58,7 +58,7 @@ examples:
   vit-train --model ViT-B_16 --dataset cifar10
   vit-train --model ViT-B_16 --pretrained ViT-B_16.npz          # fine-tune: SGD, lr 3e-2, 10k steps, 224 px
   vit-train --config cifar100_scratch                          # = configs/cifar100_scratch.py
-  vit-train --model testing --dataset synthetic --steps 200 --set optim.weight_decay=0.05
+  vit-train --model testing --dataset synthetic --steps 200 --warmup-steps 20 --set optim.weight_decay=0.05
   vit-train --resume runs/NAME
 outputs in <output-dir>/<name>/: config.json, last.pt, best.pt, metrics.jsonl, TensorBoard events"""
 

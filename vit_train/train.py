@@ -438,6 +438,10 @@ def train(config):
                       f"{grid}x{grid} patches of {config.img_size}px images) on {config.data.name}: "
                       f"{steps_per_epoch} steps per epoch of batch {config.batch_size} (processes: {world_size}, "
                       f"micro-batches: {config.grad_accum}); {device}, {precision}; run dir {run_dir}")
+            if config.schedule.warmup_steps >= total_steps > 0:
+                log.print(f"note: the {config.schedule.warmup_steps}-step warm-up is not shorter than the "
+                          f"{total_steps}-step run, so the learning rate never reaches its peak; "
+                          f"give a smaller --warmup-steps")
 
         train_loss = images_per_sec = None
         signum = 0
