@@ -2,6 +2,7 @@
 import io
 import pickle
 import tarfile
+from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -147,6 +148,17 @@ def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "download_and_extract_archive", offline)
     one_line_error(lambda: loaders(config(name="cifar100", data_dir=str(tmp_path))),
                    "cifar-100-python.tar.gz", str(tmp_path))
+
+
+def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    def cut_off(url, download_root, filename, md5):
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / filename).write_bytes(b"\x1f\x8b partial")  # half an archive, then the line drops
+        raise URLError("[Errno 104] Connection reset by peer")
+    monkeypatch.setattr(data, "download_and_extract_archive", cut_off)
+    fresh = tmp_path / "data"
+    one_line_error(lambda: loaders(config(data_dir=str(fresh))), "cifar-10-python.tar.gz")
+    assert not fresh.exists()  # no partial archive that the next run would take for the user's own
 
 
 @pytest.mark.parametrize("field, value", [("name", "imagenet"), ("padding_mode", "edge"),

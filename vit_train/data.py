@@ -140,10 +140,15 @@ def fetch_cifar(layout: CifarLayout, data_dir: Path, download: bool) -> None:
         return
     if not download:
         raise UserError(f"no {layout.files.base_folder}/ folder in {data_dir} and downloading is off; {where}")
+    created = not data_dir.exists()
     try:
         download_and_extract_archive(layout.files.url, str(data_dir), filename=layout.files.filename,
                                      md5=layout.files.tgz_md5)
     except (OSError, RuntimeError) as err:  # offline (URLError is an OSError) or a checksum mismatch
+        # Leave nothing half-written: a partial archive would be mistaken for the user's own next time.
+        archive.unlink(missing_ok=True)
+        if created and not any(data_dir.iterdir()):
+            data_dir.rmdir()
         raise UserError(f"downloading {layout.files.url} failed ({type(err).__name__}: {err}); {where}") from None
 
 
