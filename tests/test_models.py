@@ -252,3 +252,16 @@ def test_cpu_dropout_drops_p_and_keeps_the_expectation():
     a = Dropout(0.1).train()(torch.ones(64))
     torch.manual_seed(1)
     assert torch.equal(a, Dropout(0.1).train()(torch.ones(64)))  # seeded like the rest of torch
+
+
+def test_safetensors_and_vit_train_checkpoints_load(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    source = randomize(create_model("testing", num_classes=10))
+    safetensors.save_file(source.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"model": source.state_dict(), "step": 3}, tmp_path / "last.pt")  # a vit-train checkpoint's layout
+    images = torch.randn(2, 3, 32, 32)
+    for name in ("w.safetensors", "last.pt"):
+        ours = create_model("testing", num_classes=10).eval()
+        assert load_pretrained(ours, tmp_path / name) == []
+        with torch.no_grad():
+            assert torch.equal(ours(images), source(images))
