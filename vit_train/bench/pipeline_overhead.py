@@ -1,0 +1,78 @@
+"""What the training pipeline costs on top of the model: vit-train's images/s against its bare step.
+
+    python -m vit_train.bench.pipeline_overhead --data-dir data          # real CIFAR-10 (make_cifar10.py data)
+    python -m vit_train.bench.pipeline_overhead --dataset synthetic
+
+End to end is `vit_train.train.train` on a small config: data gathered and augmented each step, loss read back,
+progress and TensorBoard logging (its reported images/s excludes start-up, evaluation and saving). The bare
+step is the same `train_step` on one fixed batch already on the device, with nothing else around it. The two
+alternate for `--rounds` rounds in one process; the medians give the overhead, 1 - end-to-end / bare.
+"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from vit_train.config import resolve_config
+from vit_train.models import VisionTransformer
+from vit_train.train import build_optimizer, resolve_device, train, train_step
+
+# A small ViT with 8-px patches (16 patches + CLS), the kind of model a CPU trains in minutes.
+SMALL = {"model_name": "ViT-Ti_8", "model.transformer.num_layers": 6, "model.transformer.mlp_dim": 384,
+         "batch_size": 128, "optim.lr": 1e-3, "eval_every": 0, "save_every": 0, "quiet": True}
+
+
+def end_to_end(settings, output_dir, name) -> float:
+    final = train(resolve_config({**settings, "output_dir": output_dir, "name": name}))
+    return final["images_per_sec"]  # of the last logging window: start-up is not throughput
+
+
+def bare_step(settings, output_dir, steps) -> float:
+    config = resolve_config({**settings, "output_dir": output_dir, "name": "bare"})
+    device = resolve_device(config.device)
+    model = VisionTransformer(config.model, config.img_size, 10).to(device).train()
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    images = torch.randn(config.batch_size, 3, config.img_size, config.img_size, device=device)
+    targets = torch.randint(0, 10, (config.batch_size,), device=device)
+
+    def step():
+        return train_step(model, optimizer, scheduler, scaler, images, targets, config, "fp32")
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()  # wait for the device
+    return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"))
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per round (logged in windows of 50)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    window = min(50, args.steps)
+    settings = {**SMALL, "data.name": args.dataset, "data.data_dir": args.data_dir, "data.download": False,
+                "schedule.steps": args.steps, "schedule.warmup_steps": 10, "log_every": window,
+                "device": args.device}
+    rates = {"end to end": [], "bare step": []}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for i in range(args.rounds):
+            rates["end to end"].append(end_to_end(settings, output_dir, f"round{i}"))
+            rates["bare step"].append(bare_step(settings, output_dir, window))
+            print(f"round {i}: end to end {rates['end to end'][-1]:.1f} img/s, "
+                  f"bare step {rates['bare step'][-1]:.1f} img/s", flush=True)
+    e2e, bare = (statistics.median(r) for r in rates.values())
+    print(f"median: end to end {e2e:.1f} img/s, bare step {bare:.1f} img/s, pipeline overhead {1 - e2e / bare:.1%}")
+
+
+if __name__ == "__main__":
+    main()
