@@ -12,7 +12,9 @@ What to expect on the CIFAR-10 JPEG copy (test accuracy):
   commonly reported at 80% and more (not measured here).
 - Measured on a CPU: ViT-Ti_8 cut to 6 layers (`--set model.transformer.num_layers=6 --set
   model.transformer.mlp_dim=384 --set model.transformer.dropout_rate=0.0`, 1.8M parameters), batch 128, lr 1e-3,
-  200 warm-up steps, 5 epochs: 51.9% after 13 minutes on one CPU thread (329 images/s).
+  200 warm-up steps, 5 epochs: 51.9% after 13 minutes on one CPU thread (329 images/s). A 0.8M-parameter ViT
+  with 4-px patches (D 128, 4 layers, MLP 512, no dropout), batch 128, 8 epochs: 66.05% after 26 minutes on
+  two threads (about 320 images/s); the command is in the README.
 """
 from vit_train.config import base_config
 
