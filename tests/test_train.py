@@ -246,3 +246,23 @@ def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, capsys):
     assert "the 500-step warm-up is not shorter than the 5-step run" in capsys.readouterr().out
     run(tmp_path, "fine", schedule__steps=5, schedule__warmup_steps=2, eval_every=0, save_every=0)
     assert "warm-up" not in capsys.readouterr().out
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import vit_train.checkpoint as checkpoint
+
+    path = tmp_path / "last.pt"
+    good = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "step": 10, "config": {}}
+    checkpoint.save_checkpoint(good, path)
+
+    def disk_full(state, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*still holds the previous checkpoint"):
+        checkpoint.save_checkpoint({**good, "step": 20}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no half-written temporary file left
+    assert load_checkpoint(path)["step"] == 10

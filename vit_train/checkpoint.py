@@ -39,10 +39,16 @@ def save_checkpoint(state: dict, path) -> None:
     """Write `state` to `path` atomically: the file is either the old one or the complete new one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:  # a full disk, a quota: the previous checkpoint stays as it was
+        tmp.unlink(missing_ok=True)
+        kept = f"{path} still holds the previous checkpoint" if path.exists() else "no checkpoint was written"
+        raise UserError(f"could not write {path} ({error.strerror or error}); {kept}. Free space, then resume") \
+            from None
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
