@@ -37,19 +37,27 @@ def checkpoint_path(path) -> Path:
 
 def save_checkpoint(state: dict, path) -> None:
     """Write `state` to `path` atomically: the file is either the old one or the complete new one."""
+    write_atomically(path, lambda f: torch.save(state, f), what="checkpoint")
+
+
+def write_atomically(path, write, what="file") -> None:
+    """Call write(binary file) on a temporary file beside `path`, make it durable, then rename it to `path`:
+    readers see the old file or the complete new one. A failed write (a full disk, a missing folder) leaves no
+    temporary file and the old file as it was, and is reported in one line as a UserError."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as error:  # a full disk, a quota: the previous checkpoint stays as it was
+        os.replace(tmp, path)
+    except OSError as error:
+        kept = f"{path} still holds the previous {what}" if path.exists() else f"no {what} was written"
+        raise UserError(f"could not write {path} ({error.strerror or error}); {kept}. Free space or choose "
+                        "another path") from None
+    finally:
         tmp.unlink(missing_ok=True)
-        kept = f"{path} still holds the previous checkpoint" if path.exists() else "no checkpoint was written"
-        raise UserError(f"could not write {path} ({error.strerror or error}); {kept}. Free space, then resume") \
-            from None
-    os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(directory)

@@ -10,7 +10,6 @@ exactly the accuracy the run logged for the checkpoint. Files are written atomic
 half-written JSON, PNG or weights behind.
 """
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from vit_train.checkpoint import load_checkpoint, save_checkpoint
+from vit_train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from vit_train.config import DEFAULT_RECIPES, load_recipe
 from vit_train.data import build_loaders, load_rgb, normalization, preprocess_images
 from vit_train.errors import UserError
@@ -369,17 +368,3 @@ def check_writable(path):
     folder = Path(path).absolute().parent
     if not folder.is_dir():
         raise UserError(f"cannot write {path}: the folder {folder} does not exist; create it or choose another path")
-
-
-def write_atomically(path, write):
-    """Call write(binary file) on a temporary file beside `path`, then rename it to `path`: readers see the old
-    file or the complete new one, and an error leaves nothing behind."""
-    check_writable(path)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
