@@ -7,7 +7,7 @@ Both pipelines do the same work per image at 32 px: random crop after 4-pixel re
 normalisation with the dataset's mean and std. Each repeat times --batches batches of each pipeline in turn, so all
 see the same machine load, after a warm-up batch (worker start-up is not throughput); the table gives the median
 over repeats and the ratio. Further rows time the fast path with RandAugment, TrivialAugment and a resize to
-224 px, the numbers quoted in vit_train/data.py. Without --data-dir the script first writes the full CIFAR-10
+224 px, the numbers quoted in vit_train/data/augment.py. Without --data-dir the script first writes the full CIFAR-10
 (JPEG copy) from ../shared/data into a temporary folder (about 10 s).
 
 --threads sets torch's intra-op threads in the benchmark's own process, where the fast path runs (DataLoader

@@ -24,4 +24,4 @@ GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
 exec torchrun \
     --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$GPUS" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-    -m vit_train.train --model ViT-B_16 --dataset cifar10 "$@"
+    -m vit_train --model ViT-B_16 --dataset cifar10 "$@"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_train import data
+from vit_train.data import augment, cifar, mixing
+from vit_train.data.synthetic import make_synthetic
 from vit_train.data import build_loaders, default_data_config, normalization, preprocess_images
 from vit_train.errors import UserError
 
@@ -67,7 +68,7 @@ def epoch(loader, index=0, start=0):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_reads_official_layouts(tmp_path, fake_cifar, name, bytes_keys):
     written = fake_cifar(tmp_path, name, bytes_keys=bytes_keys)
-    train, test, class_names = data.load_cifar(name, str(tmp_path), download=False)
+    train, test, class_names = cifar.load_cifar(name, str(tmp_path), download=False)
     assert class_names == written["class_names"]
     for split, (rows, labels) in ((train, written["train"]), (test, written["test"])):
         assert split.images.dtype == torch.uint8 and split.images.shape == (len(rows), 3, 32, 32)
@@ -81,7 +82,7 @@ def test_real_cifar10_subset(cifar10_subset, shared_dir):
     built = loaders(config(data_dir=str(cifar10_subset), download=False), batch_size=100)
     assert built.num_classes == 10 and built.class_names == CIFAR10_CLASSES
     assert len(built.train) == 5 and built.test.num_samples == 200
-    train, test, _ = data.load_cifar("cifar10", str(cifar10_subset), download=False)
+    train, test, _ = cifar.load_cifar("cifar10", str(cifar10_subset), download=False)
     assert train.images.shape == (500, 3, 32, 32) and test.images.shape == (200, 3, 32, 32)
     assert train.images.dtype == torch.uint8
     assert torch.bincount(train.labels).tolist() == [50] * 10 and torch.bincount(test.labels).tolist() == [20] * 10
@@ -138,14 +139,14 @@ def test_extracts_an_archive_put_in_data_dir(tmp_path, fake_cifar):
     (tmp_path / "data").mkdir()
     with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    train, _, _ = data.load_cifar("cifar10", str(tmp_path / "data"), download=False)
+    train, _, _ = cifar.load_cifar("cifar10", str(tmp_path / "data"), download=False)
     assert train.labels.tolist() == written["train"][1].tolist()
 
 
 def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
     one_line_error(lambda: loaders(config(name="cifar100", data_dir=str(tmp_path))),
                    "cifar-100-python.tar.gz", str(tmp_path))
 
@@ -155,7 +156,7 @@ def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
         Path(download_root).mkdir(parents=True, exist_ok=True)
         (Path(download_root) / filename).write_bytes(b"\x1f\x8b partial")  # half an archive, then the line drops
         raise URLError("[Errno 104] Connection reset by peer")
-    monkeypatch.setattr(data, "download_and_extract_archive", cut_off)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", cut_off)
     fresh = tmp_path / "data"
     one_line_error(lambda: loaders(config(data_dir=str(fresh))), "cifar-10-python.tar.gz")
     assert not fresh.exists()  # no partial archive that the next run would take for the user's own
@@ -181,7 +182,7 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image(padding_mode, numpy_mode
     offsets = rng.integers(0, 9, (40, 2))
     offsets[:2] = [[0, 0], [8, 8]]  # both extreme corners
     flips = rng.random(40) < 0.5
-    out = data.random_crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips),
+    out = augment.random_crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips),
                                 4, padding_mode).numpy()
     padded = np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)), mode=numpy_mode)
     for i, (top, left) in enumerate(offsets):
@@ -190,7 +191,7 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image(padding_mode, numpy_mode
 
 
 def test_drawn_crop_offsets_stay_inside_the_padding():
-    augmentation = data.DeviceAugmentation(config(crop_padding=4), image_size=32)
+    augmentation = augment.DeviceAugmentation(config(crop_padding=4), image_size=32)
     params = augmentation.draw(np.random.default_rng(0), 10_000)
     assert params.offsets.min() == 0 and params.offsets.max() == 8
     assert 0.45 < params.flips.mean() < 0.55
@@ -199,7 +200,7 @@ def test_drawn_crop_offsets_stay_inside_the_padding():
 def test_flips_flip_and_nothing_else():
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     no_offset = torch.zeros(6, 2, dtype=torch.long)
-    flip = lambda flips: data.random_crop_flip(images, no_offset, flips, 0, "reflect")
+    flip = lambda flips: augment.random_crop_flip(images, no_offset, flips, 0, "reflect")
     assert torch.equal(flip(torch.ones(6, dtype=torch.bool)), images.flip(-1))
     assert torch.equal(flip(torch.zeros(6, dtype=torch.bool)), images)
 
@@ -207,25 +208,25 @@ def test_flips_flip_and_nothing_else():
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
 def test_grouped_policy_ops_equal_one_image_at_a_time(policy):
     images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
-    ops, magnitudes = data.draw_policy_ops(data.AUGMENT_POLICIES[policy], np.random.default_rng(0), 48, 32)
+    ops, magnitudes = augment.draw_policy_ops(augment.AUGMENT_POLICIES[policy], np.random.default_rng(0), 48, 32)
     expected = images.clone()
     for i in range(48):
         for op, magnitude in zip(ops[i], magnitudes[i]):
-            expected[i:i + 1] = data.AUGMENT_OPS[data.OP_NAMES[op]][1](expected[i:i + 1], float(magnitude))
-    assert torch.equal(data.apply_policy_ops(images.clone(), ops, magnitudes), expected)
+            expected[i:i + 1] = augment.AUGMENT_OPS[augment.OP_NAMES[op]][1](expected[i:i + 1], float(magnitude))
+    assert torch.equal(augment.apply_policy_ops(images.clone(), ops, magnitudes), expected)
     assert not torch.equal(expected, images)
 
 
 def test_randaugment_uses_magnitude_9_of_31():
-    ops, magnitudes = data.draw_policy_ops(data.AUGMENT_POLICIES["randaugment"], np.random.default_rng(0), 500, 32)
-    rotations = magnitudes[ops == data.OP_NAMES.index("Rotate")]
+    ops, magnitudes = augment.draw_policy_ops(augment.AUGMENT_POLICIES["randaugment"], np.random.default_rng(0), 500, 32)
+    rotations = magnitudes[ops == augment.OP_NAMES.index("Rotate")]
     assert set(np.abs(rotations)) == {9.0} and (rotations < 0).any()  # 30 degrees * 9/30, either sign
 
 
 def test_mixup_targets_match_mixed_pixels():
     images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 4, 4)  # image i is all i
     labels = torch.arange(8)
-    mixed, targets = data.LabelMixing(1.0, 0.0, 10)(images, labels, np.random.default_rng(0))
+    mixed, targets = mixing.LabelMixing(1.0, 0.0, 10)(images, labels, np.random.default_rng(0))
     lam = targets[0, 0].item()
     assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
     assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0))
@@ -234,7 +235,7 @@ def test_mixup_targets_match_mixed_pixels():
 
 def test_cutmix_targets_match_pasted_area():
     images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16)
-    mixed, targets = data.LabelMixing(0.0, 1.0, 8)(images, torch.arange(8), np.random.default_rng(3))
+    mixed, targets = mixing.LabelMixing(0.0, 1.0, 8)(images, torch.arange(8), np.random.default_rng(3))
     pasted = (mixed[0] == 7).float().mean().item()
     assert set(mixed[0].unique().tolist()) <= {0.0, 7.0} and 0 < pasted < 1
     assert targets[0, 7].item() == pytest.approx(pasted) and targets[0, 0].item() == pytest.approx(1 - pasted)
@@ -284,7 +285,7 @@ def test_ranks_together_see_what_one_process_sees():
 
 def test_eval_sees_every_sample_once_unaugmented():
     cfg = synthetic()
-    _, test, _ = data.make_synthetic(cfg)
+    _, test, _ = make_synthetic(cfg)
     parts = [loaders(cfg, eval_batch_size=7, rank=r, world_size=3).test for r in range(3)]
     assert [p.num_samples for p in parts] == [16, 17, 17] and [len(p) for p in parts] == [3, 3, 3]
     images, labels = (torch.cat(t) for t in zip(*[batch for p in parts for batch in epoch(p)]))
@@ -311,8 +312,8 @@ def test_loaders_resize_to_img_size():
 
 def test_synthetic_is_deterministic_balanced_and_learnable():
     cfg = synthetic()
-    train, test, names = data.make_synthetic(cfg)
-    again, _, _ = data.make_synthetic(cfg)
+    train, test, names = make_synthetic(cfg)
+    again, _, _ = make_synthetic(cfg)
     assert torch.equal(train.images, again.images) and names[0] == "class_0"
     assert torch.bincount(test.labels).tolist() == [5] * 10
     # A nearest-class-mean rule fitted on the training images already classifies the test images.

@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(action, 
 
 
 def test_sigterm_to_the_command_saves_and_prints_how_to_resume(tmp_path):
-    command = [sys.executable, "-m", "vit_train.train", "--output-dir", str(tmp_path), "--name", "long",
+    command = [sys.executable, "-m", "vit_train", "--output-dir", str(tmp_path), "--name", "long",
                *cli_sets(schedule__steps=5000, save_every=0)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -192,7 +192,7 @@ def test_gradient_accumulation_4x16_matches_1x64(tmp_path):
 
 def torchrun(*args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "vit_train.train", *args]
+               "-m", "vit_train", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -13,11 +13,12 @@ import os
 import sys
 
 from vit_train import evaluate
-from vit_train.config import DEFAULT_RECIPES, get_key, load_recipe, resolve_config
+from vit_train.config import DEFAULT_RECIPES, get_key, load_recipe, pretrained_config, resolve_config
 from vit_train.data import DATASETS, NORMALIZATIONS
 from vit_train.errors import UserError
 from vit_train.models import list_models
-from vit_train.train import PRECISIONS, resolve_device, train
+from vit_train.runtime import PRECISIONS, resolve_device
+from vit_train.train import train
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,7 +48,7 @@ def entry_point(main):
 
 TRAIN_DESCRIPTION = """\
 Train a Vision Transformer on CIFAR-10/100, an image folder or a synthetic set, on the CPU, one GPU, or many
-(torchrun --nproc_per_node N -m vit_train.train takes the same flags).
+(torchrun --nproc_per_node N -m vit_train takes the same flags).
 
 The config is the recipe (--config) + these flags + --set KEY=VALUE for any other key (see config.json in a run
 directory for all of them). Defaults below come from the from-scratch recipe; where the fine-tuning recipe,
@@ -221,7 +222,7 @@ def eval_main(argv=None):
         loaders = evaluate.eval_loaders(loaded.config, device)
         evaluate.check_class_count(loaded, loaders.class_names)
     else:
-        config = evaluate.pretrained_config(args.model, args.img_size)
+        config = pretrained_config(args.model, args.img_size)
         apply_eval_flags(config, args)
         loaders = evaluate.eval_loaders(config, device)
         loaded, notes = evaluate.load_pretrained_model(config, args.pretrained, loaders.class_names, device)

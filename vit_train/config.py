@@ -23,7 +23,8 @@ from vit_train.data import check_data_config, default_data_config
 from vit_train.errors import UserError
 from vit_train.models import get_config
 from vit_train.models.vit import check_config as check_model_config
-from vit_train.train import OPTIMIZERS, PRECISIONS, SCHEDULES, resolve_device
+from vit_train.runtime import PRECISIONS, resolve_device
+from vit_train.train import OPTIMIZERS, SCHEDULES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The recipe used when --config is not given: the reference port's fine-tuning recipe for pretrained weights,
@@ -125,6 +126,17 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
         config.name = f"{config.model_name}_{config.data.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     validate(config)
     return config
+
+
+def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
+    """The config foreign weights are evaluated with: vit-train's fine-tuning recipe (224 px, inputs scaled to
+    [-1, 1] as Google's checkpoints expect) for the named model."""
+    config = load_recipe(DEFAULT_RECIPES[True])
+    config.model_name = model_name
+    config.model = get_config(model_name)
+    config.img_size = img_size or config.img_size
+    return config
+
 
 
 def resumed_config(resume) -> ml_collections.ConfigDict:

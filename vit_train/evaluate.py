@@ -5,7 +5,7 @@
     image files ─► preprocess_images, as the test split is ─► model ─► top-k classes | attention rollout
     checkpoint ─► timm-named state dict + config JSON (timm.create_model loads it)
 
-Metrics come from `vit_train.train.eval_logits`, the loop training evaluates with, so `vit-eval` reports
+Metrics come from `eval_logits`, the loop training evaluates with too, so `vit-eval` reports
 exactly the accuracy the run logged for the checkpoint. Files are written atomically: an error leaves no
 half-written JSON, PNG or weights behind.
 """
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import ml_collections
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from vit_train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
-from vit_train.config import DEFAULT_RECIPES, load_recipe
 from vit_train.data import build_loaders, load_rgb, normalization, preprocess_images
 from vit_train.errors import UserError
-from vit_train.models import VisionTransformer, get_config
+from vit_train.models import VisionTransformer
 from vit_train.pretrained import load_pretrained
-from vit_train.train import eval_logits, resolve_precision
+from vit_train.runtime import autocast, resolve_precision
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,16 +48,6 @@ def load_trained_model(checkpoint_path, device) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), config, list(checkpoint["class_names"]))
 
 
-def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
-    """The config foreign weights are evaluated with: vit-train's fine-tuning recipe (224 px, inputs scaled to
-    [-1, 1] as Google's checkpoints expect) for the named model."""
-    config = load_recipe(DEFAULT_RECIPES[True])
-    config.model_name = model_name
-    config.model = get_config(model_name)
-    config.img_size = img_size or config.img_size
-    return config
-
-
 def load_pretrained_model(config, weights, class_names, device) -> tuple:
     """(LoadedModel, notes on what was adapted) for foreign weights (Google .npz, timm state dict) whose head
     already has one output per class: a model fine-tuned on this dataset elsewhere."""
@@ -77,6 +67,41 @@ def check_class_count(loaded: LoadedModel, dataset_class_names: list):
     if len(dataset_class_names) != len(loaded.class_names):
         raise UserError(f"the model has {len(loaded.class_names)} classes and the {loaded.config.data.name} test "
                         f"split {len(dataset_class_names)}; evaluate it on the dataset it was trained on (--dataset)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation loop, shared by training and vit-eval so that both report the same numbers.
+
+@torch.no_grad()
+def eval_logits(model, test_loader, device, precision):
+    """(float32 logits, targets) for each batch of this process's part of the test split.
+
+    Deterministic: eval mode (no dropout), unaugmented images in a fixed order. vit-eval's metrics come from
+    these too, so its accuracy is the one training logged.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for images, targets in test_loader.batches(0):
+            with autocast(device, precision):
+                logits = model(images)
+            yield logits.float(), targets
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model, test_loader, device, precision):
+    """(mean cross-entropy, accuracy as a fraction) over the whole test split, summed over all processes;
+    no label smoothing."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for logits, targets in eval_logits(model, test_loader, device, precision):
+        totals[0] += F.cross_entropy(logits, targets, reduction="sum")
+        totals[1] += (logits.argmax(dim=1) == targets).sum()
+        totals[2] += targets.numel()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / count, correct / count
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """Train a Vision Transformer: `train(config)` runs one resolved config (see vit_train/config.py) to its end.
 
     vit-train --model ViT-B_16 --dataset cifar10                           one process: the CPU or one GPU
-    torchrun --nproc_per_node 8 -m vit_train.train --model ViT-B_16 ...    DistributedDataParallel, same flags
+    torchrun --nproc_per_node 8 -m vit_train --model ViT-B_16 ...          DistributedDataParallel, same flags
 
-The file reads top to bottom: learning-rate schedules, the optimizer, devices and precision, evaluation, one
-training step, what a run reports, and `train()` itself: set-up, then the loop with its edges (evaluation,
+The file reads top to bottom: learning-rate schedules, the optimizer, one training step, what a run reports, and `train()` itself: set-up, then the loop with its edges (evaluation,
 checkpoints, signals, a diverging loss).
 
 Exact resume: a step's outcome depends only on the model, optimizer, scheduler and loss-scaler states, the
@@ -15,14 +14,11 @@ import contextlib
 import functools
 import json
 import math
-import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,8 +28,10 @@ from tqdm import tqdm
 from vit_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vit_train.data import build_loaders
 from vit_train.errors import UserError
+from vit_train.evaluate import attention_image, evaluate_model
 from vit_train.models import VisionTransformer
 from vit_train.pretrained import load_pretrained
+from vit_train.runtime import all_ranks, autocast, distributed, local_leader_first, resolve_precision, seed_everything
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,126 +82,6 @@ def build_optimizer(model, optim):
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, fused=True)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Devices, precision and processes.
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name, local_rank=0):
-    """'auto' is this process's GPU if there is one, else the CPU; a bare 'cuda' is cuda:<local rank>."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {name}, but no CUDA GPU is visible; use --device cpu")
-    device = torch.device("cuda", local_rank if device.index is None else device.index)
-    if device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}, but only {torch.cuda.device_count()} GPUs are visible")
-    return device
-
-
-def resolve_precision(precision, device):
-    """'auto' is bf16 autocast on GPUs that support it, else fp16 with loss scaling; fp32 on the CPU, where bf16
-    is opt-in (--precision bf16 runs matmuls about twice as fast on CPUs with bf16 instructions)."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def autocast(device, precision):
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
-
-
-@contextlib.contextmanager
-def distributed(device_name):
-    """Yields (rank, world size, device). Under torchrun, this process joins the process group for the block:
-    NCCL between GPUs, gloo between CPU processes."""
-    if "RANK" not in os.environ:
-        yield 0, 1, resolve_device(device_name)
-        return
-    device = resolve_device(device_name, local_rank=int(os.environ["LOCAL_RANK"]))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-    finally:
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def local_leader_first(world_size):
-    """Run the block on each machine's first process (LOCAL_RANK 0) before the machine's other processes."""
-    leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    if world_size > 1 and not leader:
-        dist.barrier()
-    yield
-    if world_size > 1 and leader:
-        dist.barrier()
-
-
-def all_ranks(value, world_size):
-    """[rank 0's value, rank 1's value, ...] on every rank."""
-    if world_size == 1:
-        return [value]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)  # and every GPU's generator
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation, shared with vit-eval so that both report the same numbers.
-
-@torch.no_grad()
-def eval_logits(model, test_loader, device, precision):
-    """(float32 logits, targets) for each batch of this process's part of the test split.
-
-    Deterministic: eval mode (no dropout), unaugmented images in a fixed order. vit-eval's metrics come from
-    these too, so its accuracy is the one training logged.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        for images, targets in test_loader.batches(0):
-            with autocast(device, precision):
-                logits = model(images)
-            yield logits.float(), targets
-    finally:
-        model.train(was_training)
-
-
-def evaluate_model(model, test_loader, device, precision):
-    """(mean cross-entropy, accuracy as a fraction) over the whole test split, summed over all processes;
-    no label smoothing."""
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for logits, targets in eval_logits(model, test_loader, device, precision):
-        totals[0] += F.cross_entropy(logits, targets, reduction="sum")
-        totals[1] += (logits.argmax(dim=1) == targets).sum()
-        totals[2] += targets.numel()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
-    return loss_sum / count, correct / count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,8 +242,6 @@ def train(config):
     """Run a resolved config (vit_train.config.resolve_config) to its end and return the final metrics:
     {step, train_loss, eval_loss, eval_accuracy, best_accuracy, images_per_sec, run_dir, stopped_by}, where
     stopped_by is the number of the signal that interrupted the run, or 0 when it ran to the end."""
-    from vit_train.evaluate import attention_image  # here, not at the top: vit_train.evaluate imports this module
-
     with distributed(config.device) as (rank, world_size, device), stop_signals() as received, \
             contextlib.ExitStack() as cleanup:
         # Each process resolved the config on its own; the run name (a timestamp by default) is rank 0's.
@@ -506,8 +382,3 @@ def summary(final, total_steps):
             f"train loss {number(final['train_loss'], '.4f')}  {number(final['images_per_sec'], '.0f')} img/s  "
             f"run dir {final['run_dir']}")
 
-
-if __name__ == "__main__":  # torchrun -m vit_train.train: the same command line as vit-train
-    from vit_train.cli import train_main
-
-    sys.exit(train_main())

@@ -1,0 +1,103 @@
+"""The package's shape: imports run one way (cli -> config -> train -> evaluate -> data / models / checkpoint ->
+runtime), so a newcomer can follow a batch or a config in one direction."""
+import ast
+import pkgutil
+from pathlib import Path
+
+import vit_train
+
+PACKAGE_DIR = Path(vit_train.__file__).parent
+
+
+def module_files():
+    """{module name: source file} for every module of vit_train, packages included."""
+    files = {}
+    for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="vit_train."):
+        relative = info.name.split(".")[1:]
+        path = PACKAGE_DIR.joinpath(*relative)
+        files[info.name] = path / "__init__.py" if info.ispkg else path.with_suffix(".py")
+    files["vit_train"] = PACKAGE_DIR / "__init__.py"
+    return files
+
+
+def top_level_imports(path: Path, modules: set) -> set:
+    """The vit_train modules a file imports at its top level (function bodies are not followed: an import there
+    runs later, and would hide a cycle rather than remove it; the test below catches that separately)."""
+    imported = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from vit_train.data import augment` imports the submodule; `from vit_train.data import X` the package
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                     for alias in node.names]
+        else:
+            continue
+        imported.update(name for name in names if name in modules)
+    return imported
+
+
+def import_graph():
+    files = module_files()
+    # Edges are explicit imports only. Importing a.b also runs a/__init__ first, but that is no cycle even when
+    # a/__init__ imports a.b: Python finishes the package's own imports before the submodule's body runs on.
+    return {name: top_level_imports(path, set(files)) for name, path in files.items()}
+
+
+def find_cycle(graph):
+    """A list of modules forming an import cycle, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_is_acyclic():
+    graph = import_graph()
+    assert {"vit_train.cli", "vit_train.train", "vit_train.data.loaders", "vit_train.runtime"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_vit_train_import_hides_inside_a_function():
+    """An import of our own modules inside a function is how a cycle gets dodged; optional third-party
+    packages (matplotlib, timm) may still be imported where they are needed."""
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.level or (inner.module or "").startswith("vit_train")):
+                        raise AssertionError(f"{name}.{node.name} imports {inner.module} inside a function")
+                    if isinstance(inner, ast.Import) and any(a.name.startswith("vit_train") for a in inner.names):
+                        raise AssertionError(f"{name}.{node.name} imports vit_train inside a function")
+
+
+def test_layers_import_downhill_only():
+    """Lower layers never import higher ones: e.g. evaluate must not import train, config or cli."""
+    layers = ["vit_train.cli", "vit_train.config", "vit_train.train", "vit_train.evaluate"]
+    graph = import_graph()
+    for i, upper in enumerate(layers):
+        for lower in layers[i + 1:]:
+            assert upper not in graph[lower], f"{lower} imports {upper}, which sits above it"
+    below_all = {"vit_train.runtime", "vit_train.errors", "vit_train.checkpoint"}
+    for module in below_all:
+        assert not graph[module] & set(layers), f"{module} imports {graph[module] & set(layers)}"

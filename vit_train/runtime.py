@@ -1,0 +1,92 @@
+"""What every layer above needs to run somewhere: the device, the numeric precision and autocast, the process
+group under torchrun, and seeding. Nothing here knows about models, data or configs."""
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vit_train.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name, local_rank=0):
+    """'auto' is this process's GPU if there is one, else the CPU; a bare 'cuda' is cuda:<local rank>."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}, but no CUDA GPU is visible; use --device cpu")
+    device = torch.device("cuda", local_rank if device.index is None else device.index)
+    if device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}, but only {torch.cuda.device_count()} GPUs are visible")
+    return device
+
+
+def resolve_precision(precision, device):
+    """'auto' is bf16 autocast on GPUs that support it, else fp16 with loss scaling; fp32 on the CPU, where bf16
+    is opt-in (--precision bf16 runs matmuls about twice as fast on CPUs with bf16 instructions)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES)
+
+
+@contextlib.contextmanager
+def distributed(device_name):
+    """Yields (rank, world size, device). Under torchrun, this process joins the process group for the block:
+    NCCL between GPUs, gloo between CPU processes."""
+    if "RANK" not in os.environ:
+        yield 0, 1, resolve_device(device_name)
+        return
+    device = resolve_device(device_name, local_rank=int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_leader_first(world_size):
+    """Run the block on each machine's first process (LOCAL_RANK 0) before the machine's other processes."""
+    leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world_size > 1 and not leader:
+        dist.barrier()
+    yield
+    if world_size > 1 and leader:
+        dist.barrier()
+
+
+def all_ranks(value, world_size):
+    """[rank 0's value, rank 1's value, ...] on every rank."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)  # and every GPU's generator
+    np.random.seed(seed)
+    random.seed(seed)
