@@ -1,16 +1,19 @@
-"""Datasets, device augmentation, sharding and the errors users see for bad data."""
+"""Datasets, label mixing, sharding and the errors users see for bad data (augmentation: test_augment.py)."""
+import hashlib
+import http.server
 import io
 import pickle
+import socket
 import tarfile
-from pathlib import Path
-from urllib.error import URLError
+import threading
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
-from vit_train.data import augment, cifar, mixing
+from vit_train.data import cifar, mixing
 from vit_train.data.synthetic import make_synthetic
 from vit_train.data import build_loaders, default_data_config, normalization, preprocess_images
 from vit_train.errors import UserError
@@ -143,23 +146,92 @@ def test_extracts_an_archive_put_in_data_dir(tmp_path, fake_cifar):
     assert train.labels.tolist() == written["train"][1].tolist()
 
 
+def cifar10_archive(tmp_path, fake_cifar) -> tuple[bytes, list]:
+    """A real cifar-10-python.tar.gz of fake_cifar's files, and the training labels it holds."""
+    written = fake_cifar(tmp_path / "made")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return buffer.getvalue(), written["train"][1].tolist()
+
+
+@pytest.fixture
+def archive_server(monkeypatch):
+    """serve(name, body, announced_length=None) -> URL: a real HTTP server on 127.0.0.1 sends `body` for /name
+    under a Content-Length of announced_length (default: its length; a larger one makes a cut-off download)."""
+    files = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in files:
+                self.send_error(404)
+                return
+            body, length = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(name, body, announced_length=None):
+        files[f"/{name}"] = (body, announced_length or len(body))
+        return f"http://127.0.0.1:{server.server_address[1]}/{name}"
+
+    yield serve
+    server.shutdown()
+    server.server_close()
+
+
+def point_cifar10_at(monkeypatch, url, body):
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", url)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", hashlib.md5(body).hexdigest())
+
+
+def test_downloads_checks_and_extracts_cifar(tmp_path, fake_cifar, archive_server, monkeypatch):
+    body, labels = cifar10_archive(tmp_path, fake_cifar)
+    point_cifar10_at(monkeypatch, archive_server("cifar-10-python.tar.gz", body), body)
+    train, _, _ = cifar.load_cifar("cifar10", str(tmp_path / "data"), download=True)
+    assert train.labels.tolist() == labels
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
 def test_failed_download_is_one_line_error(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused, as when offline
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "url", f"http://127.0.0.1:{port}/cifar-100-python.tar.gz")
     one_line_error(lambda: loaders(config(name="cifar100", data_dir=str(tmp_path))),
-                   "cifar-100-python.tar.gz", str(tmp_path))
+                   "cifar-100-python.tar.gz", str(tmp_path), "URLError")
 
 
-def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
-    def cut_off(url, download_root, filename, md5):
-        Path(download_root).mkdir(parents=True, exist_ok=True)
-        (Path(download_root) / filename).write_bytes(b"\x1f\x8b partial")  # half an archive, then the line drops
-        raise URLError("[Errno 104] Connection reset by peer")
-    monkeypatch.setattr(cifar, "download_and_extract_archive", cut_off)
+@pytest.mark.parametrize("damage", ["cut off", "wrong checksum"])
+def test_interrupted_download_leaves_nothing_behind(damage, tmp_path, fake_cifar, archive_server, monkeypatch):
+    body, _ = cifar10_archive(tmp_path, fake_cifar)
+    if damage == "cut off":  # the server hangs up half-way through the announced length
+        url = archive_server("cifar-10-python.tar.gz", body[:len(body) // 2], announced_length=len(body))
+    else:
+        url = archive_server("cifar-10-python.tar.gz", body[:len(body) // 2])
+    point_cifar10_at(monkeypatch, url, body)
     fresh = tmp_path / "data"
-    one_line_error(lambda: loaders(config(data_dir=str(fresh))), "cifar-10-python.tar.gz")
+    one_line_error(lambda: loaders(config(data_dir=str(fresh))), "cifar-10-python.tar.gz", "downloading")
     assert not fresh.exists()  # no partial archive that the next run would take for the user's own
+
+
+def test_a_truncated_archive_leaves_no_half_extracted_folder(tmp_path, fake_cifar):
+    body, labels = cifar10_archive(tmp_path, fake_cifar)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cifar-10-python.tar.gz").write_bytes(body[:len(body) * 3 // 5])  # the first batches are whole
+    one_line_error(lambda: loaders(config(data_dir=str(data), download=False)),
+                   "cannot extract", "cifar-10-python.tar.gz")
+    assert [p.name for p in data.iterdir()] == ["cifar-10-python.tar.gz"]  # no cifar-10-batches-py/, no staging
+    (data / "cifar-10-python.tar.gz").write_bytes(body)  # the whole archive then extracts as usual
+    assert cifar.load_cifar("cifar10", str(data), download=False)[0].labels.tolist() == labels
 
 
 @pytest.mark.parametrize("field, value", [("name", "imagenet"), ("padding_mode", "edge"),
@@ -173,55 +245,7 @@ def test_batch_larger_than_shard_is_one_line_error():
     one_line_error(lambda: loaders(synthetic(), batch_size=32, world_size=4), "128", "96")
 
 
-# ---- augmentation ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("padding_mode, numpy_mode", [("reflect", "reflect"), ("zeros", "constant")])
-def test_random_crop_flip_is_a_crop_of_the_padded_image(padding_mode, numpy_mode):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (40, 3, 10, 12), dtype=np.uint8)  # not square: rows and columns differ
-    offsets = rng.integers(0, 9, (40, 2))
-    offsets[:2] = [[0, 0], [8, 8]]  # both extreme corners
-    flips = rng.random(40) < 0.5
-    out = augment.random_crop_flip(torch.from_numpy(images), torch.from_numpy(offsets), torch.from_numpy(flips),
-                                4, padding_mode).numpy()
-    padded = np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)), mode=numpy_mode)
-    for i, (top, left) in enumerate(offsets):
-        crop = padded[i, :, top:top + 10, left:left + 12]
-        assert np.array_equal(out[i], crop[:, :, ::-1] if flips[i] else crop)
-
-
-def test_drawn_crop_offsets_stay_inside_the_padding():
-    augmentation = augment.DeviceAugmentation(config(crop_padding=4), image_size=32)
-    params = augmentation.draw(np.random.default_rng(0), 10_000)
-    assert params.offsets.min() == 0 and params.offsets.max() == 8
-    assert 0.45 < params.flips.mean() < 0.55
-
-
-def test_flips_flip_and_nothing_else():
-    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    no_offset = torch.zeros(6, 2, dtype=torch.long)
-    flip = lambda flips: augment.random_crop_flip(images, no_offset, flips, 0, "reflect")
-    assert torch.equal(flip(torch.ones(6, dtype=torch.bool)), images.flip(-1))
-    assert torch.equal(flip(torch.zeros(6, dtype=torch.bool)), images)
-
-
-@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
-def test_grouped_policy_ops_equal_one_image_at_a_time(policy):
-    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
-    ops, magnitudes = augment.draw_policy_ops(augment.AUGMENT_POLICIES[policy], np.random.default_rng(0), 48, 32)
-    expected = images.clone()
-    for i in range(48):
-        for op, magnitude in zip(ops[i], magnitudes[i]):
-            expected[i:i + 1] = augment.AUGMENT_OPS[augment.OP_NAMES[op]][1](expected[i:i + 1], float(magnitude))
-    assert torch.equal(augment.apply_policy_ops(images.clone(), ops, magnitudes), expected)
-    assert not torch.equal(expected, images)
-
-
-def test_randaugment_uses_magnitude_9_of_31():
-    ops, magnitudes = augment.draw_policy_ops(augment.AUGMENT_POLICIES["randaugment"], np.random.default_rng(0), 500, 32)
-    rotations = magnitudes[ops == augment.OP_NAMES.index("Rotate")]
-    assert set(np.abs(rotations)) == {9.0} and (rotations < 0).any()  # 30 degrees * 9/30, either sign
-
+# ---- label mixing (augmentation: test_augment.py) ------------------------------------------------------------
 
 def test_mixup_targets_match_mixed_pixels():
     images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 4, 4)  # image i is all i

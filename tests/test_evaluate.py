@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from vit_train import evaluate
 from vit_train.cli import attention_main, eval_main, export_main, predict_main
@@ -191,14 +192,16 @@ def test_training_logs_an_attention_image_at_each_evaluation(run_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # vit-export
 
-def test_export_loads_into_timm_with_our_logits(run_dir, tmp_path):
+def test_export_loads_into_timm_with_our_logits(run_dir, tmp_path, monkeypatch):
     timm = pytest.importorskip("timm")
     out = tmp_path / "vit.pth"
     assert export_main(["--checkpoint", str(run_dir), "--out", str(out)]) == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["model_name"] == "testing" and len(card["class_names"]) == 10 and card["img_size"] == 32
+    assert card["timm"]["pretrained_cfg_overlay"]["file"] == "vit.pth"  # relative to the card
 
     ours = evaluate.load_trained_model(run_dir, "cpu").model
+    monkeypatch.chdir(tmp_path)  # the card's folder: timm opens the weights' name from the working directory
     assert_same_logits(timm.create_model(**card["timm"]), ours)  # builds the network and loads the file itself
     sizes = {key: card["timm"][key] for key in ("img_size", "patch_size", "num_classes", "embed_dim", "depth",
                                                  "num_heads", "mlp_ratio")}
@@ -207,7 +210,44 @@ def test_export_loads_into_timm_with_our_logits(run_dir, tmp_path):
     assert_same_logits(plain, ours)
 
 
-def test_export_of_a_global_average_pooling_model_loads_into_timm(tmp_path):
+def test_export_moved_as_a_pair_loads_with_the_documented_lines(run_dir, tmp_path):
+    timm = pytest.importorskip("timm")
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "made" / "vit.pth")]) == 2  # no folder
+    (tmp_path / "made").mkdir()
+    assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "made" / "vit.pth")]) == 0
+    (tmp_path / "made").rename(tmp_path / "moved")
+    # docs/evaluate.md, from a working directory that is not the card's:
+    card_path = tmp_path / "moved" / "vit.json"
+    card = json.loads(card_path.read_text())
+    overlay = card["timm"]["pretrained_cfg_overlay"]
+    overlay["file"] = str(card_path.parent / overlay["file"])  # the weights lie beside the card
+    assert_same_logits(timm.create_model(**card["timm"]), evaluate.load_trained_model(run_dir, "cpu").model)
+
+
+@pytest.mark.parametrize("height, width", [(40, 64), (120, 90), (20, 24), (32, 32)])
+def test_timms_preprocessing_from_the_card_gives_our_pixels(height, width, run_dir, tmp_path, monkeypatch):
+    """timm.data.resolve_data_config + create_transform, fed the export's card, must turn an image into the input
+    vit-train gives the model: squashed whole (no crop) to 32x32, bilinear, normalised. timm resizes the 8-bit PIL
+    image, and rounds it to 8 bits; ours resizes the float image (antialiased): they may differ by one 8-bit step."""
+    timm = pytest.importorskip("timm")
+    loaded = evaluate.load_trained_model(run_dir, "cpu")
+    evaluate.export(loaded, tmp_path / "vit.pth")
+    monkeypatch.chdir(tmp_path)
+    card = json.loads((tmp_path / "vit.json").read_text())
+    data_config = timm.data.resolve_data_config(model=timm.create_model(**card["timm"]))
+    assert (data_config["crop_pct"], data_config["crop_mode"], data_config["interpolation"]) == (1.0, "squash",
+                                                                                                 "bilinear")
+    image = Image.fromarray(np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    theirs = timm.data.create_transform(**data_config)(image)
+    ours = evaluate.model_input(loaded, pil_to_tensor(image))[0]
+    one_step = 1 / 255 / min(card["normalization"]["std"])
+    assert theirs.shape == ours.shape == (3, 32, 32)
+    assert (theirs - ours).abs().max() <= one_step * 1.001
+    if (height, width) == (32, 32):  # no resize: the same numbers
+        torch.testing.assert_close(theirs, ours)
+
+
+def test_export_of_a_global_average_pooling_model_loads_into_timm(tmp_path, monkeypatch):
     timm = pytest.importorskip("timm")
     config = resolve_config({"model_name": "testing", "model.classifier": "gap", "data.name": "synthetic",
                              "output_dir": str(tmp_path)})
@@ -217,6 +257,7 @@ def test_export_of_a_global_average_pooling_model_loads_into_timm(tmp_path):
             param.normal_(0, 0.2, generator=torch.Generator().manual_seed(param.numel()))
     loaded = evaluate.LoadedModel(model.eval(), config, [f"class_{i}" for i in range(10)])
     card = json.loads(evaluate.export(loaded, tmp_path / "gap.pth").read_text())
+    monkeypatch.chdir(tmp_path)
     assert_same_logits(timm.create_model(**card["timm"]), model)
 
 

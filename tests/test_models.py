@@ -1,4 +1,6 @@
 """The model is the network of the paper and of timm / HF: identical weights give identical logits."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -232,6 +234,28 @@ def test_hybrid_npz_layout_agrees_with_timms_loader(tmp_path):
         logits, expected = fresh(images), reference(images)
     assert torch.equal(logits, ours(images))
     assert (logits - expected).abs().max() <= 2e-3 * expected.abs().max()
+
+
+def test_hybrid_npz_in_the_released_groupnorm_layout_gives_the_same_logits(tmp_path):
+    """Google's released R50+ViT-B_16 files keep every GroupNorm scale and bias as (1, 1, 1, C), not (C,)."""
+    ours = randomize(create_model("R50-ViT-B_16", img_size=32, num_classes=10, num_layers=1))
+    write_google_npz(tmp_path / "flat.npz", ours.state_dict(), num_heads=12)
+    with np.load(tmp_path / "flat.npz") as flat:
+        released = {key: flat[key] for key in flat.files}
+    group_norms = [key for key in released if re.search(r"(^|/)gn[^/]*/(scale|bias)$", key)]
+    assert len(group_norms) == 2 * (1 + 3 * (3 + 4 + 9) + 3)  # root, three per unit, one per stage's projection
+    released.update({key: released[key].reshape(1, 1, 1, -1) for key in group_norms})
+    np.savez(tmp_path / "released.npz", **released)
+    images = torch.randn(2, 3, 32, 32)
+    logits = []
+    for name in ("flat.npz", "released.npz"):
+        model = create_model("R50-ViT-B_16", img_size=32, num_classes=10, num_layers=1).eval()
+        assert load_pretrained(model, tmp_path / name) == []
+        for key, value in ours.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), (name, key)
+        with torch.no_grad():
+            logits.append(model(images))
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_cpu_dropout_drops_p_and_keeps_the_expectation():

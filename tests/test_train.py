@@ -3,20 +3,23 @@ checkpoints. Every run is the tiny `testing` model for a few dozen steps."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import vit_train.train
-from vit_train.checkpoint import load_checkpoint
-from vit_train.cli import train_main
+from vit_train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from vit_train.cli import entry_point, train_main
 from vit_train.config import resolve_config
 from vit_train.errors import UserError
 from vit_train.models import create_model
-from vit_train.train import param_groups, train, warmup_cosine, warmup_linear
+from vit_train.runtime import resolve_precision, slow_precision_warning
+from vit_train.train import StopSignals, param_groups, train, warmup_cosine, warmup_linear
 
 # The testing model keeps its dropout of 0.1, so exact resumption also covers the dropout generator.
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
@@ -171,12 +174,60 @@ def test_sigterm_to_the_command_saves_and_prints_how_to_resume(tmp_path):
             break
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: finishing step " in err and "send SIGTERM again to stop at once without saving" in err
     assert f"Resume with: vit-train --resume {tmp_path / 'long'}" in out
     step = load_checkpoint(tmp_path / "long")["step"]
     assert 10 <= step < 5000
 
     assert train_main(["--resume", str(tmp_path / "long"), "--steps", str(step + 5)]) == 0
     assert load_checkpoint(tmp_path / "long")["step"] == step + 5
+
+
+def test_sigint_says_what_happens_and_a_repeat_within_a_second_changes_nothing(tmp_path):
+    command = [sys.executable, "-m", "vit_train", "--output-dir", str(tmp_path), "--name", "long",
+               *cli_sets(schedule__steps=5000, save_every=0)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step 10/"):
+            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGINT)  # as under torchrun: the terminal's Ctrl-C, then torchrun's copy
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
+    said = [line for line in err.splitlines() if line.startswith("SIGINT")]
+    assert len(said) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(rf"SIGINT: finishing step \d+, then saving {re.escape(str(tmp_path / 'long' / 'last.pt'))}; "
+                        r"press Ctrl-C again to stop at once without saving", said[0])
+    step = int(said[0].split()[3].rstrip(","))
+    assert load_checkpoint(tmp_path / "long")["step"] == step  # the step it named is the one it saved
+    assert f"Resume with: vit-train --resume {tmp_path / 'long'}" in out
+
+
+@pytest.mark.parametrize("signum, again", [(signal.SIGINT, "press Ctrl-C again"),
+                                           (signal.SIGTERM, "send SIGTERM again")])
+def test_a_second_signal_after_a_second_stops_at_once(signum, again, capfd):
+    name = signal.Signals(signum).name
+    with StopSignals(announce=True) as stops:
+        stops.plan = lambda: "finishing step 8, then saving runs/x/last.pt"
+        os.kill(os.getpid(), signum)
+        assert stops.received == [signum]
+        time.sleep(StopSignals.REPEAT_AFTER_S)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # not reached: the handler runs as soon as os.kill returns
+    assert capfd.readouterr().err.splitlines() == [
+        f"{name}: finishing step 8, then saving runs/x/last.pt; {again} to stop at once without saving",
+        f"{name} again: stopping at once, without saving"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+def test_ctrl_c_in_any_command_exits_130_without_a_traceback(capsys):
+    @entry_point
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert interrupted([]) == 128 + signal.SIGINT and capsys.readouterr().err == ""
 
 
 def test_gradient_accumulation_4x16_matches_1x64(tmp_path):
@@ -235,10 +286,30 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_on_the_cpu(precision, tmp_path):
+def test_reduced_precision_on_the_cpu(precision, tmp_path, capsys):
     final = run(tmp_path, precision, precision=precision, schedule__steps=5, eval_every=0, save_every=0)
     assert math.isfinite(final["train_loss"]) and math.isfinite(final["eval_loss"])
     assert bool(load_checkpoint(tmp_path / precision)["scaler"]) == (precision == "fp16")  # fp16 scales the loss
+    warning = slow_precision_warning(precision, torch.device("cpu"))  # this CPU's own answer: warned, or silent
+    assert (f"warning: {warning}" in capsys.readouterr().out) == (warning is not None)
+
+
+@pytest.mark.parametrize("precision, flags, slow", [
+    ("bf16", {"avx2", "avx512f", "avx512bw"}, True),      # AVX-512 without bf16 dot products: emulated
+    ("bf16", {"avx512f", "avx512_bf16"}, False),
+    ("bf16", {"avx2", "amx_bf16"}, False),
+    ("fp16", {"avx512f", "avx512_bf16"}, True),           # a Zen 4: bf16 yes, fp16 no
+    ("fp16", {"avx512f", "avx512_fp16"}, False),
+    ("fp16", {"amx_fp16"}, False),
+    ("fp32", set(), False),
+])
+def test_bf16_and_fp16_on_a_cpu_without_their_instructions_are_warned_about(precision, flags, slow):
+    warning = slow_precision_warning(precision, torch.device("cpu"), flags)
+    assert (warning is not None) == slow
+    if slow:
+        assert "\n" not in warning and "slower than fp32" in warning and f"--precision {precision}" in warning
+    assert slow_precision_warning(precision, torch.device("cuda"), flags) is None  # GPUs: a matter for autocast
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # auto never picks a reduced precision on CPUs
 
 
 def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, capsys):
@@ -248,21 +319,35 @@ def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, capsys):
     assert "warm-up" not in capsys.readouterr().out
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import errno
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs) mounted for the test; skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
 
-    import vit_train.checkpoint as checkpoint
 
-    path = tmp_path / "last.pt"
+def test_a_full_disk_keeps_the_previous_checkpoint_and_report(tiny_disk):
+    path = tiny_disk / "last.pt"
     good = {"model": {"w": torch.ones(3)}, "optimizer": {}, "scheduler": {}, "step": 10, "config": {}}
-    checkpoint.save_checkpoint(good, path)
-
-    def disk_full(state, f):
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(UserError, match="No space left on device.*still holds the previous checkpoint"):
-        checkpoint.save_checkpoint({**good, "step": 20}, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no half-written temporary file left
+    save_checkpoint(good, path)
+    # 512 KiB of weights cannot fit: torch's zip writer fails with "unexpected pos", a RuntimeError
+    with pytest.raises(UserError, match=r"could not write .*last\.pt \(torch's writer failed: .*; 0\.\d MiB free\); "
+                                        r".*still holds the previous checkpoint") as caught:
+        save_checkpoint({**good, "model": {"w": torch.ones(128 * 1024)}, "step": 20}, path)
+    assert "\n" not in str(caught.value)
+    assert [p.name for p in tiny_disk.iterdir()] == ["last.pt"]  # no half-written temporary file left
     assert load_checkpoint(path)["step"] == 10
+
+    report = tiny_disk / "eval.json"  # a plain write fails with the OSError itself
+    write_atomically(report, lambda f: f.write(b"{}"))
+    with pytest.raises(UserError, match=r"No space left on device\); .*eval\.json still holds the previous file"):
+        write_atomically(report, lambda f: f.write(b"x" * 512 * 1024))
+    assert report.read_bytes() == b"{}" and sorted(p.name for p in tiny_disk.iterdir()) == ["eval.json", "last.pt"]

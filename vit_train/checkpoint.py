@@ -18,15 +18,18 @@ import os
 import pickle
 import random
 import re
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vit_train.errors import UserError
+from vit_train.errors import UserError, first_line
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "config")
+ZIP_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter")
 
 
 def checkpoint_path(path) -> Path:
@@ -52,10 +55,19 @@ def write_atomically(path, write, what="file") -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, OSError):
+            why = error.strerror or str(error)
+        elif ZIP_WRITER_FAILURE.search(str(error)):
+            # torch's zip writer reports a failed write (a full disk) without its cause, as a RuntimeError:
+            # "[enforce fail at inline_container.cc:...] unexpected pos ..." or "PytorchStreamWriter failed ...".
+            # The free space, measured while the partial file still fills the disk, says whether it was that.
+            free_mib = shutil.disk_usage(path.parent).free / 2**20
+            why = f"torch's writer failed: {first_line(error).split('] ')[-1].strip(' .')}; {free_mib:.1f} MiB free"
+        else:
+            raise
         kept = f"{path} still holds the previous {what}" if path.exists() else f"no {what} was written"
-        raise UserError(f"could not write {path} ({error.strerror or error}); {kept}. Free space or choose "
-                        "another path") from None
+        raise UserError(f"could not write {path} ({why}); {kept}. Free space or choose another path") from None
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
@@ -63,6 +75,16 @@ def write_atomically(path, write, what="file") -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def folder_write_error(folder) -> str | None:
+    """Why no file can be created in the existing folder `folder`, or None when one can. It really creates one,
+    unnamed and gone when closed: os.access says yes to root everywhere, even on /proc or a read-only mount."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
 
 
 def load_checkpoint(path) -> dict:
@@ -84,8 +106,7 @@ def load_checkpoint(path) -> dict:
         raise UserError(f"refusing {path}: it holds a pickled Python object{what}, which could run code when "
                         "loaded; vit-train checkpoints hold only tensors and plain values") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"{path} is not a vit-train checkpoint ({first_line})") from None
+        raise UserError(f"{path} is not a vit-train checkpoint ({first_line(error)})") from None
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in REQUIRED_KEYS):
         raise UserError(f"{path} is not a vit-train checkpoint (it lacks {', '.join(REQUIRED_KEYS)})")
     return checkpoint

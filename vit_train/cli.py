@@ -10,26 +10,34 @@ stderr and exits with status 2; `Parser` makes argparse's own usage errors UserE
 import argparse
 import functools
 import os
+import signal
 import sys
 
 from vit_train import evaluate
 from vit_train.config import DEFAULT_RECIPES, get_key, load_recipe, pretrained_config, resolve_config
 from vit_train.data import DATASETS, NORMALIZATIONS
 from vit_train.errors import UserError
+from vit_train.hub import check_weights_source, format_releases
 from vit_train.models import list_models
-from vit_train.runtime import PRECISIONS, resolve_device
+from vit_train.runtime import PRECISIONS, resolve_device, resolve_precision, slow_precision_warning
 from vit_train.train import train
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with usage errors raised as UserError so that they print in one line like every other error."""
+    """argparse, with usage errors raised as UserError so that they print in one line like every other error, and
+    without abbreviated flags: `--batch 64` is an error, not a silent `--batch-size 64` (nor, once another flag
+    starts with --batch, a different error)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def entry_point(main):
-    """Wrap `main(argv) -> exit status` so that a UserError prints as one line and exits with status 2."""
+    """Wrap `main(argv) -> exit status` so that a UserError prints as one line and exits with status 2, and
+    Ctrl-C exits with status 130 without a traceback."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -39,6 +47,8 @@ def entry_point(main):
             if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike; say it once
                 print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C (for vit-train the second one, which stops at once): no traceback
+            return 128 + signal.SIGINT
 
     return wrapper
 
@@ -58,6 +68,7 @@ TRAIN_EPILOG = """\
 examples:
   vit-train --model ViT-B_16 --dataset cifar10
   vit-train --model ViT-B_16 --pretrained ViT-B_16.npz          # fine-tune: SGD, lr 3e-2, 10k steps, 224 px
+  vit-train --pretrained ViT-B_16-i21k                         # the same with Google's file, downloaded once
   vit-train --config cifar100_scratch                          # = configs/cifar100_scratch.py
   vit-train --model testing --dataset synthetic --steps 200 --warmup-steps 20 --set optim.weight_decay=0.05
   vit-train --resume runs/NAME
@@ -95,6 +106,10 @@ def train_parser():
                         help=f"optimizer steps ({default('schedule.steps')})")
     length.add_argument("--epochs", dest="schedule.epochs", default=None, type=int, metavar="N",
                         help=f"passes over the training set, instead of --steps ({default('schedule.epochs')})")
+    length.add_argument("--time-budget", dest="time_budget", default=None, metavar="DURATION",
+                        help="train for as many steps as fit in this time, e.g. 90s, 10m, 2h: a few steps are timed, "
+                             "then the whole schedule (warm-up, decay to zero, evaluations) is planned to end within "
+                             "it; --resume keeps the planned steps (default: none)")
     flag("--warmup-steps", "schedule.warmup_steps", "linear warm-up steps before the cosine decay", type=int,
          metavar="N")
     flag("--eval-every", "eval_every", "steps between evaluations, 0 for only at the end", type=int, metavar="N")
@@ -103,8 +118,9 @@ def train_parser():
     flag("--seed", "seed", "seed of the weights, data order, augmentation and dropout", type=int, metavar="N")
     flag("--name", "name", "run directory name", "default: <model>_<dataset>_<date>-<time>")
     flag("--output-dir", "output_dir", "where run directories go", metavar="DIR")
-    flag("--pretrained", "pretrained", "start from these weights: Google .npz, timm .pth/.safetensors, or a "
-         "vit-train checkpoint; selects the fine-tuning recipe", "default: none, train from scratch", metavar="PATH")
+    flag("--pretrained", "pretrained", "start from these weights: Google .npz, timm .pth/.safetensors, a "
+         "vit-train checkpoint, or the name of a Google release (see --list-pretrained), downloaded into the cache on "
+         "first use; selects the fine-tuning recipe", "default: none, train from scratch", metavar="PATH|NAME")
     flag("--resume", "resume", "continue the run in RUN_DIR (its last.pt) or from a checkpoint FILE",
          "default: none, start a new run", metavar="RUN_DIR|FILE")
     flag("--device", "device", "auto, cpu, cuda or cuda:N; auto picks the GPU when there is one")
@@ -119,14 +135,20 @@ def train_parser():
                         help="set any config key, e.g. optim.weight_decay=0.05 or model.transformer.dropout_rate=0; "
                              "repeatable, applied after the flags (default: none)")
     parser.add_argument("--list-models", action="store_true", help="print the model names and exit")
+    add_list_pretrained_flag(parser)
     return parser
+
+
+def add_list_pretrained_flag(parser):
+    parser.add_argument("--list-pretrained", action="store_true", help="print the names --pretrained takes for "
+                        "Google's released weights (model, training data, size, URL, whether cached) and exit")
 
 
 def config_from_args(args):
     """The resolved config for parsed vit-train arguments: flags that were given override the recipe."""
     flags = dict(vars(args))
     recipe, sets = flags.pop("config"), flags.pop("set")
-    del flags["list_models"]
+    del flags["list_models"], flags["list_pretrained"]
     return resolve_config({key: value for key, value in flags.items() if value is not None}, sets, recipe)
 
 
@@ -136,6 +158,9 @@ def train_main(argv=None):
     args = train_parser().parse_args(argv)
     if args.list_models:
         print("\n".join(list_models()))
+        return 0
+    if args.list_pretrained:
+        print(format_releases())
         return 0
     stopped_by = train(config_from_args(args))["stopped_by"]
     return 128 + stopped_by if stopped_by else 0
@@ -147,6 +172,11 @@ def train_main(argv=None):
 def add_checkpoint_flag(parser, required=True):
     parser.add_argument("--checkpoint", required=required, metavar="RUN_DIR|FILE",
                         help="a vit-train checkpoint: a run directory (its last.pt) or a .pt file such as best.pt")
+
+
+def add_weights_flag(parser):
+    parser.add_argument("--weights", choices=evaluate.WEIGHTS, help="which weights of the checkpoint: the EMA "
+                        "average (optim.ema_decay) or the raw ones (default: ema when the run kept one, else raw)")
 
 
 def add_device_flag(parser):
@@ -165,15 +195,19 @@ EVAL_EPILOG = """\
 examples:
   vit-eval --checkpoint runs/NAME                        # last.pt of a run
   vit-eval --checkpoint runs/NAME/best.pt --json eval.json --plot confusion.png
-  vit-eval --model ViT-B_16 --pretrained ViT-B_16_cifar10.npz --dataset cifar10"""
+  vit-eval --model ViT-B_16 --pretrained ViT-B_16_cifar10.npz --dataset cifar10
+  vit-eval --list-pretrained                             # names of Google's releases --pretrained takes"""
 
 
 def eval_parser():
     parser = Parser(prog="vit-eval", description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flag(parser, required=False)
+    add_weights_flag(parser)
     parser.add_argument("--model", metavar="NAME", help="with --pretrained: the weights' model config name")
-    parser.add_argument("--pretrained", metavar="PATH", help="evaluate these weights instead of a checkpoint")
+    parser.add_argument("--pretrained", metavar="PATH|NAME", help="evaluate these weights instead of a checkpoint: "
+                        "a file, or the name of a Google release (see --list-pretrained)")
+    add_list_pretrained_flag(parser)
     parser.add_argument("--img-size", type=int, metavar="PX", help="with --pretrained: image side (default: 224)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's (cifar10 with --pretrained)")
     parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the checkpoint's, ./data)")
@@ -207,8 +241,13 @@ def apply_eval_flags(config, args):
 def eval_main(argv=None):
     """vit-eval: print the test-set report; --json and --plot write it to files."""
     args = eval_parser().parse_args(argv)
+    if args.list_pretrained:
+        print(format_releases())
+        return 0
     if bool(args.checkpoint) == bool(args.pretrained) or bool(args.model) != bool(args.pretrained):
         raise UserError("give --checkpoint, or --model and --pretrained (see vit-eval --help)")
+    if args.pretrained:
+        check_weights_source(args.pretrained, args.model)
     if args.checkpoint and args.img_size:
         raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was trained at")
     for path in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
@@ -217,7 +256,7 @@ def eval_main(argv=None):
         evaluate.require_matplotlib()
     device = resolve_device(args.device)
     if args.checkpoint:
-        loaded = evaluate.load_trained_model(args.checkpoint, device)
+        loaded = evaluate.load_trained_model(args.checkpoint, device, args.weights)
         apply_eval_flags(loaded.config, args)
         loaders = evaluate.eval_loaders(loaded.config, device)
         evaluate.check_class_count(loaded, loaders.class_names)
@@ -228,6 +267,8 @@ def eval_main(argv=None):
         loaded, notes = evaluate.load_pretrained_model(config, args.pretrained, loaders.class_names, device)
         for note in notes:
             print(f"note: {note}")
+    if warning := slow_precision_warning(resolve_precision(loaded.config.precision, device), device):
+        print(f"warning: {warning}", file=sys.stderr)
     report = evaluate.evaluate(loaded.model, loaders.test, loaders.class_names, device, loaded.config.precision)
     print(evaluate.format_report(report))
     if args.json:
@@ -243,6 +284,7 @@ def predict_parser():
     parser = Parser(prog="vit-predict", description="Print the most likely classes of image files of any size and "
                     "format, resized and normalised as the test split is.")
     add_checkpoint_flag(parser)
+    add_weights_flag(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
     add_device_flag(parser)
@@ -255,7 +297,7 @@ def predict_main(argv=None):
     args = predict_parser().parse_args(argv)
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device))
+    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
     images = [evaluate.read_image(path) for path in args.images]  # a bad file fails before any output
     for path, image in zip(args.images, images):
         print(path)
@@ -268,6 +310,7 @@ def attention_parser():
     parser = Parser(prog="vit-attention", description="Draw the attention rollout (Abnar & Zuidema 2020) of the "
                     "CLS token over an image, beside the image, as a PNG; print the top classes.")
     add_checkpoint_flag(parser)
+    add_weights_flag(parser)
     parser.add_argument("image", metavar="IMAGE", help="an image file of any size (PNG, JPEG, ...)")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
     add_device_flag(parser)
@@ -279,7 +322,7 @@ def attention_main(argv=None):
     """vit-attention: write [image | attention rollout over the image] to --out."""
     args = attention_parser().parse_args(argv)
     evaluate.check_writable(args.out)
-    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device))
+    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
     panel, top = evaluate.attention_figure(loaded, evaluate.read_image(args.image))
     evaluate.save_png(panel, args.out)
     print(f"{args.image}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in top))
@@ -292,6 +335,7 @@ def export_parser():
                     "timm's names that timm.create_model loads, and beside it a JSON with our config, the class "
                     "names, the input normalisation and the timm.create_model arguments.")
     add_checkpoint_flag(parser)
+    add_weights_flag(parser)
     parser.add_argument("--out", required=True, metavar="FILE.pth", help="the weights file; the JSON gets its name "
                         "with the suffix .json")
     return parser
@@ -301,7 +345,7 @@ def export_parser():
 def export_main(argv=None):
     """vit-export: weights to --out, config to --out with the suffix .json."""
     args = export_parser().parse_args(argv)
-    config_path = evaluate.export(evaluate.load_trained_model(args.checkpoint, "cpu"), args.out)
-    print(f"wrote {args.out} and {config_path}; in Python: "
-          f"timm.create_model(**json.load(open({str(config_path)!r}))['timm'])")
+    config_path = evaluate.export(evaluate.load_trained_model(args.checkpoint, "cpu", args.weights), args.out)
+    print(f"wrote {args.out} and {config_path}; they may move, together. In Python, in their folder: "
+          f"timm.create_model(**json.load(open({config_path.name!r}))['timm']); from elsewhere see docs/evaluate.md")
     return 0

@@ -11,6 +11,7 @@ about (optimizer, learning rate, batch size, length, augmentation). Keys a recip
 (None until set). The resolved config is written to the run directory as config.json and into every checkpoint.
 """
 import ast
+import math
 import os
 import time
 from pathlib import Path
@@ -18,28 +19,36 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
-from vit_train.checkpoint import checkpoint_path, load_checkpoint
+from vit_train.checkpoint import checkpoint_path, folder_write_error, load_checkpoint
 from vit_train.data import check_data_config, default_data_config
-from vit_train.errors import UserError
-from vit_train.models import get_config
+from vit_train.errors import UserError, first_line
+from vit_train.hub import check_weights_source
+from vit_train.models import apply_overrides, get_config
 from vit_train.models.vit import check_config as check_model_config
 from vit_train.runtime import PRECISIONS, resolve_device
-from vit_train.train import OPTIMIZERS, SCHEDULES
+from vit_train.train import OPTIMIZERS, SCHEDULES, budget_seconds, flatten
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The recipes: configs/ at the top of a source checkout, which a wheel installs as vit_train/configs/ (pyproject.toml).
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = PACKAGE_DIR / "configs" if (PACKAGE_DIR / "configs").is_dir() else PACKAGE_DIR.parent / "configs"
 # The recipe used when --config is not given: the reference port's fine-tuning recipe for pretrained weights,
 # else the from-scratch one.
 DEFAULT_RECIPES = {False: CONFIGS_DIR / "cifar10_scratch.py", True: CONFIGS_DIR / "cifar10_finetune.py"}
-# A resumed run keeps the network and the data it was trained on.
+# A resumed run keeps the network and the data it was trained on: these keys, and every model.* key but those of
+# regularisation (dropout_rate, attention_dropout_rate, drop_path_rate, patch_dropout), which shape no weight.
 FIXED_ON_RESUME = ("model_name", "img_size", "data.name")
-LENGTH_KEYS = ("schedule.steps", "schedule.epochs")
+REGULARISATION_SUFFIXES = ("_rate", "dropout")
+# Keys that give the same thing two ways: setting one clears the others, so the one given last counts.
+ALTERNATIVE_KEYS = [("schedule.steps", "schedule.epochs", "time_budget"),
+                    ("schedule.warmup_steps", "schedule.warmup_fraction")]
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key of a training config with its default; recipes and flags change them. Locked: no new keys."""
     config = ml_collections.ConfigDict()
     config.model_name = "ViT-B_16"
-    config.model = None                                  # the full model config, filled from model_name
+    config.model = None                                  # the full model config: from model_name, unless the
+                                                         # recipe gives one (see recipe_model)
     config.img_size = 32                                 # images are resized to img_size x img_size
     config.num_classes = config_dict.placeholder(int)    # filled from the dataset
     config.data = default_data_config()
@@ -54,13 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
         "betas": (0.9, 0.999),                           # adamw
         "grad_clip": 0.0,                                # max global gradient norm; 0 = no clipping
         "label_smoothing": 0.0,
+        "ema_decay": 0.0,                                # weight EMA, e.g. 0.999; 0 = off
     })
     config.schedule = ml_collections.ConfigDict({
         "name": "warmup_cosine",                         # one of SCHEDULES
         "warmup_steps": 0,
+        "warmup_fraction": config_dict.placeholder(float),  # instead of warmup_steps: this fraction of the run
         "steps": config_dict.placeholder(int),           # optimizer steps; set this or epochs
         "epochs": config_dict.placeholder(int),          # converted to steps once the dataset size is known
     })
+    config.time_budget = config_dict.placeholder(str)    # e.g. "10m": the run's steps are planned to fit it
     config.seed = 0
     config.name = config_dict.placeholder(str)           # run directory name; default <model>_<dataset>_<time>
     config.output_dir = "runs"
@@ -77,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def recipe_model(name, **overrides) -> ml_collections.ConfigDict:
+    """For recipes: the named model's config with flat overrides, e.g. recipe_model("ViT-Ti_4", num_layers=9)."""
+    return apply_overrides(get_config(name), **overrides)
+
+
 def load_recipe(path) -> ml_collections.ConfigDict:
     """The config a recipe file's `get_config()` returns. `path` may also be a bare name from configs/."""
     path = Path(path)
@@ -85,10 +102,18 @@ def load_recipe(path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise UserError(f"recipe {path} not found; give a configs/<recipe>.py file (see {CONFIGS_DIR})")
     namespace = {"__file__": str(path), "__name__": f"recipe_{path.stem}"}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)
-    if "get_config" not in namespace:
-        raise UserError(f"recipe {path} has no get_config() function")
-    return namespace["get_config"]()
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        if "get_config" not in namespace:
+            raise UserError(f"recipe {path} has no get_config() function")
+        config = namespace["get_config"]()
+    except UserError:
+        raise
+    except Exception as error:  # a recipe is the user's code: whatever it raises is a mistake in it
+        raise UserError(f"recipe {path} failed: {type(error).__name__}: {first_line(error)}") from None
+    if not isinstance(config, ml_collections.ConfigDict) or set(config) != set(base_config()):
+        raise UserError(f"recipe {path}: get_config() must return vit_train.config.base_config() with changes")
+    return config
 
 
 def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.ConfigDict:
@@ -107,15 +132,17 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
     else:
         config = load_recipe(recipe or DEFAULT_RECIPES[bool(overrides.get("pretrained"))])
     assignments = [*overrides.items(), *map(parse_assignment, sets)]
-    fixed = {key: get_key(config, key) for key in FIXED_ON_RESUME} if resume else {}
+    fixed = fixed_on_resume(config) if resume else {}
     # model.* keys wait for the model config, which comes from model_name, itself maybe among the assignments.
     for key, value in assignments:
-        if key in LENGTH_KEYS:  # two ways to give the run's length: the one given last replaces the other
-            for other in LENGTH_KEYS:
-                set_key(config, other, None)
+        for alternatives in ALTERNATIVE_KEYS:
+            if key in alternatives:
+                for other in alternatives:
+                    set_key(config, other, 0 if other == "schedule.warmup_steps" else None)
         if not key.startswith("model."):
             set_key(config, key, value)
-    if not resume:
+    # A recipe may give its own model config (a named model with changes); a --model flag replaces it.
+    if not resume and (config.model is None or "model_name" in dict(assignments)):
         config.model = get_config(config.model_name)
     for key, value in assignments:
         if key.startswith("model."):
@@ -126,6 +153,15 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
         config.name = f"{config.model_name}_{config.data.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     validate(config)
     return config
+
+
+def fixed_on_resume(config) -> dict:
+    """{dotted key: value} of what a resumed run cannot change (see FIXED_ON_RESUME): checked before the
+    checkpoint's weights are loaded, so a changed network is one line rather than a load_state_dict dump."""
+    fixed = {key: get_key(config, key) for key in FIXED_ON_RESUME}
+    fixed.update((f"model.{key}", value) for key, value in flatten(config.model).items()
+                 if not key.endswith(REGULARISATION_SUFFIXES))
+    return fixed
 
 
 def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
@@ -199,29 +235,49 @@ def validate(config):
     for key in ("batch_size", "optim.name", "optim.lr"):
         require(get_key(config, key) is not None,
                 f"{key} is not set: the recipe must set it, or give it as a flag or with --set")
-    require(schedule.steps is not None or schedule.epochs is not None, "give --steps or --epochs")
+    require(schedule.steps is not None or schedule.epochs is not None or config.time_budget is not None,
+            "give --steps, --epochs or --time-budget")
+    if config.time_budget is not None:
+        budget_seconds(config.time_budget)
+    for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.warmup_fraction": schedule.warmup_fraction,
+                        "model.transformer.drop_path_rate": config.model.transformer.get("drop_path_rate", 0.0),
+                        "model.patch_dropout": config.model.get("patch_dropout", 0.0)}.items():
+        require(value is None or 0 <= value < 1, f"{what} must be in [0, 1), got {value}")
     require(optim.name in OPTIMIZERS, f"unknown optimizer {optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     require(schedule.name in SCHEDULES, f"unknown schedule {schedule.name!r}; choose one of {', '.join(SCHEDULES)}")
     require(config.precision in PRECISIONS,
             f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    require(optim.lr > 0, f"the learning rate (--lr) must be positive, got {optim.lr}")
+    require(math.isfinite(optim.lr) and optim.lr > 0, f"the learning rate (--lr) must be positive, got {optim.lr}")
     for what, value in {"--steps": schedule.steps, "--epochs": schedule.epochs, "--batch-size": config.batch_size,
                         "eval_batch_size": config.eval_batch_size, "--grad-accum": config.grad_accum,
                         "log_every": config.log_every}.items():
         require(value is None or value > 0, f"{what} must be positive, got {value}")
+    # (nan fails every comparison, so `value >= 0` refuses it; inf needs saying)
     for what, value in {"optim.weight_decay": optim.weight_decay, "optim.grad_clip": optim.grad_clip,
-                        "--warmup-steps": schedule.warmup_steps, "--eval-every": config.eval_every,
-                        "--save-every": config.save_every, "--seed": config.seed}.items():
-        require(value >= 0, f"{what} must be >= 0, got {value}")
+                        "optim.momentum": optim.momentum, "--warmup-steps": schedule.warmup_steps,
+                        "--eval-every": config.eval_every, "--save-every": config.save_every}.items():
+        require(math.isfinite(value) and value >= 0, f"{what} must be a finite number >= 0, got {value}")
+    require(len(optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in optim.betas),
+            f"optim.betas must be two numbers in [0, 1), as (0.9, 0.999); got {tuple(optim.betas)}")
     require(0 <= optim.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {optim.label_smoothing}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    # Process r seeds numpy's global generator with seed + r, and np.random.seed takes 0..2**32 - 1 only.
+    require(0 <= config.seed <= 2**32 - world_size, f"--seed must be in 0..{2**32 - world_size}, got {config.seed}")
+    check_folder_name(config.name)
+    require("\0" not in config.output_dir, f"--output-dir {config.output_dir!r} holds a NUL character")
     require(config.batch_size % (config.grad_accum * world_size) == 0,
             f"batch size {config.batch_size} is not divisible by grad accumulation {config.grad_accum} x "
             f"{world_size} processes; the step's batch must split evenly")
     resolve_device(config.device)
-    require(not config.pretrained or config.resume or Path(config.pretrained).is_file(),
-            f"pretrained weights {config.pretrained} not found")
+    if config.pretrained and not config.resume:
+        check_weights_source(config.pretrained, config.model_name)
     check_run_dir(Path(config.output_dir) / config.name, resuming=bool(config.resume))
+
+
+def check_folder_name(name):
+    """The run name becomes one folder: not empty, '.' or '..', no '/' or NUL, at most 255 bytes (NAME_MAX)."""
+    require(name not in ("", ".", "..") and "/" not in name and "\0" not in name and len(name.encode()) <= 255,
+            f"--name {name!r} cannot be a folder name: give a name without '/' (at most 255 bytes), not '.' or '..'")
 
 
 def check_run_dir(run_dir: Path, resuming: bool):
@@ -231,5 +287,7 @@ def check_run_dir(run_dir: Path, resuming: bool):
     if (run_dir / "last.pt").exists() and not resuming:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name")
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write the run directory {run_dir}: {existing} is not a writable directory")
+    if not existing.is_dir():
+        raise UserError(f"cannot write the run directory {run_dir}: {existing} is not a directory")
+    if why := folder_write_error(existing):
+        raise UserError(f"cannot write the run directory {run_dir}: {existing} is not writable ({why})")

@@ -8,3 +8,8 @@ entry points print it on one line and exit with status 2; library users can catc
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (or its type's name when it has none), for a UserError."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

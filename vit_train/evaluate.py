@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from vit_train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from vit_train.checkpoint import folder_write_error, load_checkpoint, save_checkpoint, write_atomically
 from vit_train.data import build_loaders, load_rgb, normalization, preprocess_images
 from vit_train.errors import UserError
 from vit_train.models import VisionTransformer
@@ -39,12 +39,22 @@ class LoadedModel:
     class_names: list
 
 
-def load_trained_model(checkpoint_path, device) -> LoadedModel:
-    """The model of a vit-train checkpoint (a file, or a run directory for its last.pt), on `device`."""
+WEIGHTS = ("ema", "raw")
+
+
+def load_trained_model(checkpoint_path, device, weights=None) -> LoadedModel:
+    """The model of a vit-train checkpoint (a file, or a run directory for its last.pt), on `device`.
+
+    weights: 'ema' for the run's weight average (optim.ema_decay), 'raw' for the optimizer's weights, None for
+    the average when the run kept one and the raw weights otherwise.
+    """
     checkpoint = load_checkpoint(checkpoint_path)
     config = ml_collections.ConfigDict(checkpoint["config"])
+    has_ema = bool(checkpoint.get("ema"))
+    if weights == "ema" and not has_ema:
+        raise UserError(f"{checkpoint_path} holds no EMA weights (the run had optim.ema_decay=0); use --weights raw")
     model = VisionTransformer(config.model, config.img_size, config.num_classes)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint["ema"] if has_ema and weights != "raw" else checkpoint["model"])
     return LoadedModel(model.to(device).eval(), config, list(checkpoint["class_names"]))
 
 
@@ -359,28 +369,34 @@ def export(loaded: LoadedModel, out) -> Path:
     """Write the weights to `out` (a timm-loadable state dict) and our config to `out` with suffix .json.
 
     The JSON's "timm" entry is the `timm.create_model(**entry)` call that builds the network and loads `out`.
-    Returns the JSON's path.
+    It names the weights by their file name, relative to the JSON, so that the pair can move together; timm opens
+    that name from the working directory (from elsewhere, prefix the JSON's folder: docs/evaluate.md). Its
+    preprocessing keys make timm's resolve_data_config + create_transform feed the model what vit-train does
+    (preprocess_images): the whole image squashed to img_size x img_size (crop_pct 1, crop_mode 'squash'),
+    bilinear, normalised. Returns the JSON's path.
     """
     out = Path(out)
     config_path = out.with_suffix(".json")
     if config_path == out:
         raise UserError(f"--out {out} would hold both the weights and their config; give the weights a .pth name")
+    for path in (out, config_path):
+        check_writable(path)
     mean, std = normalization(loaded.config.data)
+    size = loaded.config.img_size
     card = {
         "model_name": loaded.config.model_name,
         "model": loaded.config.model.to_dict(),
-        "img_size": loaded.config.img_size,
+        "img_size": size,
         "class_names": loaded.class_names,
         "normalization": {"mean": list(mean), "std": list(std)},
         "timm": {"model_name": TIMM_ARCHITECTURE, "pretrained": True,
                  # timm reads the file named here; num_classes stops it from dropping the head as foreign
-                 "pretrained_cfg_overlay": {"file": str(out.resolve()), "num_classes": len(loaded.class_names),
-                                            "mean": list(mean), "std": list(std),
-                                            "input_size": [3, loaded.config.img_size, loaded.config.img_size]},
+                 "pretrained_cfg_overlay": {"file": out.name, "num_classes": len(loaded.class_names),
+                                            "mean": list(mean), "std": list(std), "input_size": [3, size, size],
+                                            "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear"},
                  **timm_arguments(loaded)},
     }
     state_dict = {key: value.detach().cpu().contiguous() for key, value in loaded.model.state_dict().items()}
-    check_writable(out)
     save_checkpoint(state_dict, out)
     write_atomically(config_path, lambda f: f.write((json.dumps(card, indent=2) + "\n").encode()))
     return config_path
@@ -389,7 +405,12 @@ def export(loaded: LoadedModel, out) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 def check_writable(path):
-    """Fail before any work is done when `path` cannot be written because its folder is missing."""
+    """Fail before any work is done when `path` cannot be written: its folder is missing or read-only, or it is a
+    folder itself."""
     folder = Path(path).absolute().parent
     if not folder.is_dir():
         raise UserError(f"cannot write {path}: the folder {folder} does not exist; create it or choose another path")
+    if Path(path).is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    if why := folder_write_error(folder):
+        raise UserError(f"cannot write {path}: the folder {folder} is not writable ({why}); choose another path")

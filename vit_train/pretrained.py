@@ -1,4 +1,5 @@
-"""Load pretrained weights into our ViT: Google's official `.npz` files, timm state dicts, vit-train checkpoints.
+"""Load pretrained weights into our ViT: Google's official `.npz` files, timm state dicts, vit-train checkpoints,
+from a path or by the name of a Google release (vit_train/hub.py downloads it into a cache).
 
 Google's checkpoints are Flax parameter trees flattened to `/`-joined names. Flax keeps kernels as
 (in, out) — (kh, kw, in, out) for convolutions — and attention kernels split by head, so every weight is
@@ -13,17 +14,18 @@ Any other mismatch is an error naming the tensor and both shapes: never a silent
 """
 import pickle
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vit_train.errors import UserError
+from vit_train.hub import weights_file
 
 
 def load_pretrained(model: torch.nn.Module, path, new_head: bool = True) -> list:
-    """Load the weights at `path` into `model` in place; returns notes on what was adapted, for the user.
+    """Load the weights at `path`, a file or a released name, into `model` in place; returns notes on what was
+    adapted, for the user.
 
     new_head=False (evaluation) refuses a head of another class count instead of starting it from zeros.
     """
@@ -52,10 +54,8 @@ def load_pretrained(model: torch.nn.Module, path, new_head: bool = True) -> list
 
 
 def read_weights(path) -> dict:
-    """A state dict in our (timm's) naming from any supported file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pretrained weights {path} not found; give the path of a .npz, .pth or .safetensors file")
+    """A state dict in our (timm's) naming from any supported file, or from a released name's file."""
+    path = weights_file(path)
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -125,17 +125,23 @@ def npz_to_state_dict(w: dict) -> dict:
 
 def _resnet_npz_to_state_dict(w, conv, norm) -> dict:
     """The hybrid's ResNet stem: `conv_root`, `gn_root`, `block{s}/unit{u}/{conv,gn}{1,2,3}` and the projection."""
-    sd = {"stem.root_conv.weight": conv("conv_root"), **norm("stem.root_gn", "gn_root")}
+    def group_norm(ours, theirs):
+        # Google's released R50+ViT-B_16 files keep GroupNorm scale and bias as (1, 1, 1, C), the layout of Flax
+        # before 0.3.6 (google-research/vision_transformer issue 156); later Flax keeps (C,).
+        return {key: value.squeeze((0, 1, 2)) if value.ndim == 4 else value
+                for key, value in norm(ours, theirs).items()}
+
+    sd = {"stem.root_conv.weight": conv("conv_root"), **group_norm("stem.root_gn", "gn_root")}
     units = sorted({tuple(k.split("/")[:2]) for k in w if k.startswith("block")})
     for block, unit in units:
         theirs = f"{block}/{unit}"
         ours = f"stem.stages.{int(block[5:]) - 1}.{int(unit[4:]) - 1}"
         for r in (1, 2, 3):
             sd[f"{ours}.conv{r}.weight"] = conv(f"{theirs}/conv{r}")
-            sd.update(norm(f"{ours}.gn{r}", f"{theirs}/gn{r}"))
+            sd.update(group_norm(f"{ours}.gn{r}", f"{theirs}/gn{r}"))
         if f"{theirs}/conv_proj/kernel" in w:
             sd[f"{ours}.downsample.0.weight"] = conv(f"{theirs}/conv_proj")
-            sd.update(norm(f"{ours}.downsample.1", f"{theirs}/gn_proj"))
+            sd.update(group_norm(f"{ours}.downsample.1", f"{theirs}/gn_proj"))
     return sd
 
 

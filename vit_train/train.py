@@ -11,9 +11,13 @@ random generators (dropout) and the step number, because the data order is a pur
 batch). A checkpoint holds all of them, so on the CPU a resumed run ends exactly where an uninterrupted one does.
 """
 import contextlib
+import copy
+import datetime
 import functools
+import io
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -25,13 +29,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vit_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vit_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
 from vit_train.data import build_loaders
 from vit_train.errors import UserError
-from vit_train.evaluate import attention_image, evaluate_model
+from vit_train.evaluate import attention_image, eval_logits, evaluate_model
 from vit_train.models import VisionTransformer
 from vit_train.pretrained import load_pretrained
-from vit_train.runtime import all_ranks, autocast, distributed, local_leader_first, resolve_precision, seed_everything
+from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, resolve_precision, seed_everything,
+                               slow_precision_warning)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,6 +89,21 @@ def build_optimizer(model, optim):
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=True)
 
 
+class WeightEMA:
+    """An exponential moving average of the weights (Polyak averaging, as DeiT trains ViTs): after each optimizer
+    step, ema <- decay * ema + (1 - decay) * weights, starting from the weights the run starts with. The average
+    lives in a copy of the model, always in eval mode, so it is evaluated, saved and exported like the model."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        ema, weights = self.model.state_dict().values(), model.state_dict().values()  # same order, same shapes
+        torch._foreach_lerp_(list(ema), list(weights), 1.0 - self.decay)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One training step.
 
@@ -110,7 +130,8 @@ def train_step(model, optimizer, scheduler, scaler, images, targets, config, pre
     scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    if scheduler is not None:  # None while a --time-budget run times its steps at the peak learning rate
+        scheduler.step()
     return loss_sum
 
 
@@ -121,6 +142,136 @@ def train_batches(loader, step):
     while True:
         yield from loader.batches(epoch, start=start)
         epoch, start = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How long a run takes: timed steps, the planned length of a --time-budget run, durations for people.
+
+def time_train_steps(step_fn, batches, warmup: int, timed: int) -> float:
+    """Median seconds of `timed` steps after `warmup` untimed ones (first steps allocate and warm caches)."""
+    times = []
+    for i in range(warmup + timed):
+        images, targets = next(batches)
+        started = time.perf_counter()
+        loss = step_fn(images, targets)
+        float(loss)  # wait for the device
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def time_eval_batches(model, test_loader, device, precision, batches: int = 2) -> float:
+    """Seconds per test batch of a full evaluation pass, from its first `batches` batches."""
+    evaluated = eval_logits(model, test_loader, device, precision)
+    next(evaluated)[0].sum().item()  # untimed: the first batch warms up
+    started, count = time.perf_counter(), 0
+    for logits, _ in evaluated:
+        logits.sum().item()
+        count += 1
+        if count == batches:
+            break
+    evaluated.close()
+    return (time.perf_counter() - started) / max(count, 1)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Steps after which a run without a time budget states how long it will take.
+ESTIMATE_AFTER_STEPS = 5
+
+
+def budget_seconds(text) -> float:
+    """'90s', '10m', '2h', '1.5h' or a bare number of seconds -> seconds."""
+    text = str(text).strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"--time-budget takes a duration such as 90s, 10m or 2h, not {text!r}")
+    return seconds
+
+
+def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loaders, device, precision,
+                    world_size) -> int:
+    """The number of steps that makes a --time-budget run end within its budget, counted from `started`.
+
+    A few real training steps and test batches are timed, then undone (model, optimizer, loss scaler, EMA and
+    random generators restored), so the run that follows is exactly the run `--steps N` would give: the
+    calibration costs a few percent of the budget and changes nothing else. Every process plans alike: rank 0's
+    figure is used by all.
+    """
+    snapshot = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scaler": scaler.state_dict(), "rng": rng_state(device),
+                              "ema": ema.model.state_dict() if ema is not None else None})
+    budget = budget_seconds(config.time_budget)
+    batches = train_batches(loaders.train, 0)
+    first = time_train_steps(lambda x, y: step_on(x, y, None), batches, warmup=1, timed=1)
+    timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
+    step_seconds = time_train_steps(lambda x, y: step_on(x, y, None), batches, warmup=0, timed=timed)
+    eval_seconds = time_eval_batches(model, loaders.test, device, precision) * len(loaders.test)
+    buffer = io.BytesIO()
+    save_started = time.perf_counter()
+    torch.save(snapshot, buffer)
+    save_seconds = 2 * (time.perf_counter() - save_started)  # serialising, and as long again for the disk
+    eval_seconds = (2 if ema is not None else 1) * eval_seconds + save_seconds  # raw and EMA; a new best.pt
+
+    model.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+    scaler.load_state_dict(snapshot["scaler"])
+    if ema is not None:
+        ema.model.load_state_dict(snapshot["ema"])
+    set_rng_state(snapshot["rng"], device)
+    seconds_left = budget - (time.perf_counter() - started)
+    seconds_left -= max(2.0, 0.02 * budget)  # start-up of the loop, the final report, and jitter
+    steps = budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, config.eval_every,
+                         config.save_every)
+    steps = all_ranks(steps, world_size)[0]
+    if steps < 1:
+        raise UserError(f"the time budget {config.time_budget} leaves no time to train after start-up "
+                        f"({time.perf_counter() - started:.0f} s) and one evaluation ({eval_seconds:.0f} s); give a "
+                        "longer --time-budget")
+    return steps
+
+
+def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every) -> int:
+    """The most optimizer steps whose training, evaluations (every eval_every steps and at the end) and saves
+    (every save_every steps and at the end) fit in seconds_left."""
+    def cost(steps):
+        evals = 1 + (steps // eval_every if eval_every else 0)
+        saves = 1 + (steps // save_every if save_every else 0)
+        return steps * step_seconds + evals * eval_seconds + saves * save_seconds
+
+    steps = max(int(seconds_left / step_seconds), 0)
+    while steps > 0 and cost(steps) > seconds_left:
+        steps -= max(1, int((cost(steps) - seconds_left) / (step_seconds * 2)))
+    return max(steps, 0)
+
+
+def format_duration(seconds) -> str:
+    """3725 -> '1:02:05', 95000 -> '1 day 2:23:20': days never wrap into hours."""
+    days, rest = divmod(int(round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days} day{'s' if days > 1 else ''} {clock}" if days else clock
+
+
+def end_time(seconds_from_now) -> str:
+    at = datetime.datetime.now() + datetime.timedelta(seconds=seconds_from_now)
+    return at.strftime("%H:%M" if seconds_from_now < 20 * 3600 else "%a %d %b %H:%M")
+
+
+# A run longer than this on a CPU gets a pointer to a recipe sized for CPUs.
+LONG_CPU_RUN_SECONDS = 2 * 3600
+
+
+def duration_line(seconds, device, steps, steps_per_epoch) -> str:
+    line = (f"expected duration: {format_duration(seconds)} for {steps} steps ({steps / steps_per_epoch:.1f} epochs),"
+            f" ending about {end_time(seconds)}")
+    if device.type == "cpu" and seconds > LONG_CPU_RUN_SECONDS:
+        line += ("; this is a GPU-sized run. On a CPU, `vit-train --config cifar10_cpu --time-budget 10m` trains "
+                 "the best ViT the machine can in 10 minutes")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +289,8 @@ class RunLog:
         self.metrics_path = run_dir / "metrics.jsonl"
         if self.metrics_path.exists():
             records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step))
+            kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step)
+            write_atomically(self.metrics_path, lambda f: f.write(kept.encode()))
         self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
         use_bar = not config.quiet and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
@@ -160,17 +312,20 @@ class RunLog:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}", refresh=False)
             return
         seconds_per_step = (time.perf_counter() - self.started) / (step - self.start_step)
-        eta = time.strftime("%H:%M:%S", time.gmtime(seconds_per_step * (self.total_steps - step)))
+        eta = format_duration(seconds_per_step * (self.total_steps - step))
         self.print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  "
                    f"{images_per_sec:.0f} img/s  eta {eta}")
 
     def eval(self, record):
-        self.writer.add_scalar("eval/loss", record["eval_loss"], record["step"])
-        self.writer.add_scalar("eval/accuracy", record["eval_accuracy"], record["step"])
+        for key in ("eval_loss", "eval_accuracy", "eval_ema_loss", "eval_ema_accuracy"):
+            if key in record:
+                self.writer.add_scalar(key.replace("eval_", "eval/", 1), record[key], record["step"])
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        ema = (f"  EMA: loss {record['eval_ema_loss']:.4f}  accuracy {record['eval_ema_accuracy']:.4f}"
+               if "eval_ema_accuracy" in record else "")
         self.print(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                   f"accuracy {record['eval_accuracy']:.4f}")
+                   f"accuracy {record['eval_accuracy']:.4f}{ema}")
 
     def hparams(self, config, final):
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
@@ -195,19 +350,50 @@ def flatten(config, prefix=""):
     return flat
 
 
-@contextlib.contextmanager
-def stop_signals():
-    """While the block runs, SIGINT and SIGTERM are appended to the yielded list instead of killing the process,
-    so that the loop can finish its step and save. Repeats change nothing: under torchrun, Ctrl-C reaches each
-    process twice, from the terminal and from torchrun. (SIGKILL or Ctrl-\\ still end a run at once.)"""
-    received = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, old in previous.items():
+class StopSignals:
+    """While its `with` block runs, SIGINT (Ctrl-C) and SIGTERM ask the run to stop cleanly: they are appended to
+    `received` instead of killing the process, so that the loop finishes its step and saves. The first of each kind
+    prints at once, on stderr, what will happen: `plan()`, which train() keeps naming the step and the file.
+
+    A second signal of the same kind, REPEAT_AFTER_S or more after the first, is the user insisting: it raises
+    KeyboardInterrupt, which stops the run at once without saving (a checkpoint being written stays as it was:
+    write_atomically removes its temporary file). Sooner repeats change nothing, because under torchrun one Ctrl-C
+    reaches each process twice within milliseconds: from the terminal, and again from torchrun, which passes it
+    on. (SIGKILL or Ctrl-\\ still end a run at once.)"""
+
+    REPEAT_AFTER_S = 1.0
+
+    def __init__(self, announce: bool):
+        self.announce = announce  # only rank 0 speaks
+        self.received = []        # signal numbers, in the order they came
+        self.first_at = {}        # signal number -> time.monotonic() of its first arrival
+        self.plan = lambda: "finishing the set-up and one training step, then saving last.pt"
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, old in self.previous.items():
             signal.signal(s, old)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if signum not in self.first_at:
+            self.first_at[signum] = time.monotonic()
+            self.received.append(signum)
+            again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
+            self.say(f"{name}: {self.plan()}; {again} to stop at once without saving")
+        elif time.monotonic() - self.first_at[signum] >= self.REPEAT_AFTER_S:
+            self.say(f"{name} again: stopping at once, without saving")
+            raise KeyboardInterrupt
+
+    def say(self, text):
+        # os.write, not print: a handler that prints while the interrupted code is inside a write to the same
+        # buffered stream (the progress bar's) fails with "reentrant call".
+        if self.announce:
+            bar_line_end = "\n" if os.isatty(2) else ""  # the progress bar's line, and the terminal's ^C, end first
+            os.write(2, f"{bar_line_end}{text}\n".encode())
 
 
 def agreed_signal(received, world_size, device):
@@ -242,7 +428,8 @@ def train(config):
     """Run a resolved config (vit_train.config.resolve_config) to its end and return the final metrics:
     {step, train_loss, eval_loss, eval_accuracy, best_accuracy, images_per_sec, run_dir, stopped_by}, where
     stopped_by is the number of the signal that interrupted the run, or 0 when it ran to the end."""
-    with distributed(config.device) as (rank, world_size, device), stop_signals() as received, \
+    started = time.perf_counter()
+    with distributed(config.device) as (rank, world_size, device), StopSignals(announce=rank == 0) as stops, \
             contextlib.ExitStack() as cleanup:
         # Each process resolved the config on its own; the run name (a timestamp by default) is rank 0's.
         config.name = all_ranks(config.name, world_size)[0]
@@ -258,9 +445,6 @@ def train(config):
                                     device=device, seed=config.seed, rank=rank, world_size=world_size)
         steps_per_epoch = len(loaders.train)
         config.num_classes = loaders.num_classes
-        if config.schedule.steps is None:
-            config.schedule.steps = config.schedule.epochs * steps_per_epoch
-        total_steps = config.schedule.steps
 
         model = VisionTransformer(config.model, config.img_size, loaders.num_classes).to(device)
         if config.pretrained and not config.resume:
@@ -268,14 +452,37 @@ def train(config):
             if is_main:
                 print(f"loaded {config.pretrained}" + "".join(f"; {note}" for note in notes))
         optimizer = build_optimizer(model, config.optim)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        ema = WeightEMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        eval_model = torch.compile(model) if config.compile else model
+        train_model = eval_model
+        if world_size > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            train_model = DistributedDataParallel(eval_model, device_ids=device_ids)
+
+        def step_on(images, targets, scheduler):
+            loss = train_step(train_model, optimizer, scheduler, scaler, images, targets, config, precision)
+            if ema is not None:
+                ema.update(model)
+            return loss
+
+        if config.time_budget and config.schedule.steps is None:  # a resumed budget run keeps its planned steps
+            config.schedule.steps = plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loaders,
+                                                    device, precision, world_size)
+        if config.schedule.steps is None:
+            config.schedule.steps = config.schedule.epochs * steps_per_epoch
+        total_steps = config.schedule.steps
+        if config.schedule.warmup_fraction is not None:
+            config.schedule.warmup_steps = round(config.schedule.warmup_fraction * total_steps)
         schedule = functools.partial(SCHEDULES[config.schedule.name], warmup_steps=config.schedule.warmup_steps,
                                      total_steps=total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         step, saved_step, best_accuracy, metrics = 0, 0, -1.0, {}
         if config.resume:
             checkpoint = load_checkpoint(config.resume)
             model.load_state_dict(checkpoint["model"])
+            if ema is not None and checkpoint.get("ema"):
+                ema.model.load_state_dict(checkpoint["ema"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             if checkpoint["scaler"]:
@@ -284,11 +491,6 @@ def train(config):
             set_rng_state(rngs[rank % len(rngs)], device)
             step = saved_step = checkpoint["step"]
             best_accuracy, metrics = checkpoint["best_accuracy"], checkpoint["metrics"]
-        eval_model = torch.compile(model) if config.compile else model
-        train_model = eval_model
-        if world_size > 1:
-            device_ids = [device.index] if device.type == "cuda" else None
-            train_model = DistributedDataParallel(eval_model, device_ids=device_ids)
 
         def save(filename):
             """Write a checkpoint of the state after `step` (every process takes part: each gives its RNG state)."""
@@ -298,14 +500,16 @@ def train(config):
                 "step": step, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                 "rng": all_ranks(rng_state(device), world_size), "config": config.to_dict(),
                 "class_names": loaders.class_names, "metrics": metrics, "best_accuracy": best_accuracy,
+                "ema": ema.model.state_dict() if ema is not None else None,
             }
             if is_main:
                 save_checkpoint(state, run_dir / filename)
 
+        stops.plan = lambda: f"finishing step {step + 1}, then saving {run_dir / 'last.pt'}"
         log = None
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(config.to_json(indent=2) + "\n")
+            write_atomically(run_dir / "config.json", lambda f: f.write((config.to_json(indent=2) + "\n").encode()))
             log = RunLog(run_dir, config, step, total_steps)
             cleanup.callback(log.close)  # also when the run fails: flush TensorBoard, end the progress bar
             attention_samples = next(loaders.test.batches(0))[0][:4]  # TensorBoard shows their attention maps
@@ -314,23 +518,36 @@ def train(config):
                       f"{grid}x{grid} patches of {config.img_size}px images) on {config.data.name}: "
                       f"{steps_per_epoch} steps per epoch of batch {config.batch_size} (processes: {world_size}, "
                       f"micro-batches: {config.grad_accum}); {device}, {precision}; run dir {run_dir}")
+            if warning := slow_precision_warning(precision, device):
+                log.print(f"warning: {warning}")
             if config.schedule.warmup_steps >= total_steps > 0:
                 log.print(f"note: the {config.schedule.warmup_steps}-step warm-up is not shorter than the "
                           f"{total_steps}-step run, so the learning rate never reaches its peak; "
                           f"give a smaller --warmup-steps")
 
+            if config.time_budget:
+                seconds = time.perf_counter() - started
+                log.print(f"time budget {config.time_budget}: {total_steps} steps "
+                          f"({total_steps / steps_per_epoch:.1f} epochs) planned to end about "
+                          f"{end_time(budget_seconds(config.time_budget) - seconds)}")
+
         train_loss = images_per_sec = None
         signum = 0
         window, window_start = [], time.perf_counter()
         batches = train_batches(loaders.train, step)
+        first_step, loop_started = step, time.perf_counter()
         while step < total_steps and not signum:
             images, targets = next(batches)
             lr = optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler after the previous one
-            window.append(train_step(train_model, optimizer, scheduler, scaler, images, targets, config, precision))
+            window.append(step_on(images, targets, scheduler))
             step += 1
             if log:
                 log.step()
-            signum = agreed_signal(received, world_size, device)
+                if step == first_step + ESTIMATE_AFTER_STEPS and not config.time_budget and step < total_steps:
+                    float(window[-1])  # wait for the device: the steps so far are done
+                    per_step = (time.perf_counter() - loop_started) / ESTIMATE_AFTER_STEPS
+                    log.print(duration_line(per_step * (total_steps - step), device, total_steps, steps_per_epoch))
+            signum = agreed_signal(stops.received, world_size, device)
             at_eval = step == total_steps or (config.eval_every and step % config.eval_every == 0)
             at_save = step == total_steps or signum or (config.save_every and step % config.save_every == 0)
             if not (at_eval or at_save or step % config.log_every == 0):
@@ -347,12 +564,16 @@ def train(config):
             if at_eval:
                 eval_loss, eval_accuracy = evaluate_model(eval_model, loaders.test, device, precision)
                 metrics = {"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy}
+                if ema is not None:
+                    metrics["eval_ema_loss"], metrics["eval_ema_accuracy"] = evaluate_model(
+                        ema.model, loaders.test, device, precision)
                 if log:
                     log.eval({**metrics, "epoch": step / steps_per_epoch, "train_loss": train_loss, "lr": lr,
                               "images_per_sec": images_per_sec})
                     log.writer.add_image("eval/attention", attention_image(model, attention_samples, config.data), step)
-                if eval_accuracy > best_accuracy:
-                    best_accuracy = eval_accuracy
+                accuracy = max(eval_accuracy, metrics.get("eval_ema_accuracy", -1.0))  # best of raw and EMA
+                if accuracy > best_accuracy:
+                    best_accuracy = accuracy
                     save("best.pt")
             if at_save:
                 # The loss checks the weights before the step; the update itself can still have overflowed.
@@ -363,8 +584,9 @@ def train(config):
             window, window_start = [], time.perf_counter()  # evaluation and saving do not count as training time
 
         final = {"step": step, "train_loss": train_loss, "eval_loss": metrics.get("eval_loss"),
-                 "eval_accuracy": metrics.get("eval_accuracy"), "best_accuracy": best_accuracy,
-                 "images_per_sec": images_per_sec, "run_dir": str(run_dir), "stopped_by": signum}
+                 "eval_accuracy": metrics.get("eval_accuracy"), "eval_ema_accuracy": metrics.get("eval_ema_accuracy"),
+                 "best_accuracy": best_accuracy, "images_per_sec": images_per_sec, "run_dir": str(run_dir),
+                 "stopped_by": signum, "seconds": time.perf_counter() - started}
         if log:
             if signum:
                 log.print(f"stopped by {signal.Signals(signum).name} after step {step}; saved {run_dir / 'last.pt'}. "
@@ -380,5 +602,5 @@ def summary(final, total_steps):
     return (f"done: step {final['step']}/{total_steps}  eval accuracy {number(final['eval_accuracy'], '.4f')} "
             f"(best {number(final['best_accuracy'], '.4f')})  eval loss {number(final['eval_loss'], '.4f')}  "
             f"train loss {number(final['train_loss'], '.4f')}  {number(final['images_per_sec'], '.0f')} img/s  "
-            f"run dir {final['run_dir']}")
+            f"in {format_duration(final['seconds'])}  run dir {final['run_dir']}")
 

@@ -36,6 +36,8 @@ OVERRIDES = {
     "patch_size": ("patches", "size"),
     "dropout_rate": ("transformer", "dropout_rate"),
     "attention_dropout_rate": ("transformer", "attention_dropout_rate"),
+    "drop_path_rate": ("transformer", "drop_path_rate"),
+    "patch_dropout": ("patch_dropout",),
     "classifier": ("classifier",),
     "representation_size": ("representation_size",),
 }
@@ -52,7 +54,9 @@ def _vit_config(name, hidden_size, num_layers, mlp_dim, num_heads, patch_size, d
     config.transformer.num_layers = num_layers
     config.transformer.attention_dropout_rate = 0.0
     config.transformer.dropout_rate = dropout_rate
+    config.transformer.drop_path_rate = 0.0  # stochastic depth of the last block; 0 = off, as in the original
     config.classifier = "token"
+    config.patch_dropout = 0.0  # fraction of patch tokens left out in training (PatchDropout); 0 = off
     config.representation_size = None
     config.resnet = None
     return config

@@ -53,6 +53,26 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016), as DeiT trains ViTs: in training, each sample skips the residual
+    branch with probability p, and the kept branches are scaled by 1/(1 - p) so the expectation is unchanged;
+    in evaluation the branch always counts, unscaled. One draw per sample, from torch's generator (which
+    checkpoints save, so a resumed run draws the same)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return branch
+        keep = torch.rand((branch.shape[0],) + (1,) * (branch.ndim - 1), device=branch.device) >= self.p
+        return branch * keep.to(branch.dtype) / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class PatchEmbedding(nn.Module):
     """Cut the image into P×P patches and project each linearly to D dims: a convolution with kernel = stride = P."""
 
@@ -109,18 +129,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One encoder layer: pre-LayerNorm attention and MLP, each with a residual (equations 2 and 3)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, drop_path_rate: float = 0.0):
         super().__init__()
         t = config.transformer
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.attn = MultiHeadSelfAttention(config.hidden_size, t.num_heads, t.attention_dropout_rate, t.dropout_rate)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.mlp = MLP(config.hidden_size, t.mlp_dim, t.dropout_rate)
+        self.drop_path = DropPath(drop_path_rate)  # no parameters: state dicts stay timm's and the original's
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         attended, probs = self.attn(self.norm1(x), return_attention)
-        x = x + attended
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(attended)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, probs
 
 
@@ -154,7 +175,12 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = int(self.use_cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
         self.pos_drop = Dropout(config.transformer.dropout_rate)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.transformer.num_layers))
+        self.patch_dropout = config.get("patch_dropout", 0.0)  # absent from configs saved before it existed
+        depth = config.transformer.num_layers
+        # Stochastic depth rises linearly from 0 at the first block to drop_path_rate at the last (DeiT, timm).
+        # Configs saved before the key existed have none: no stochastic depth.
+        top_rate = config.transformer.get("drop_path_rate", 0.0)
+        self.blocks = nn.ModuleList(Block(config, top_rate * i / max(depth - 1, 1)) for i in range(depth))
         self.norm = nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS)
         if config.representation_size:
             self.pre_logits = nn.Sequential(nn.Linear(hidden_size, config.representation_size), nn.Tanh())
@@ -194,7 +220,20 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(self.stem(images))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(self.drop_patches(x + self.pos_embed))
+
+    def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch dropout (Liu et al. 2023, "PatchDropout"): in training, each image keeps a random subset of its
+        patch tokens, each with its own position embedding, and the CLS token. Attention and MLP costs shrink
+        with the sequence, so a step is that much cheaper; evaluation sees every patch, and the network is the
+        plain ViT."""
+        if not self.training or self.patch_dropout == 0:
+            return x
+        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        keep = max(1, round(patches.shape[1] * (1.0 - self.patch_dropout)))
+        kept = torch.rand(patches.shape[:2], device=x.device).argsort(dim=1)[:, :keep]
+        patches = patches.gather(1, kept[:, :, None].expand(-1, -1, patches.shape[2]))
+        return torch.cat([prefix, patches], dim=1)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False):
         x = self.embed(images)
@@ -218,9 +257,18 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
         raise UserError(f"{name}: hidden size {hidden_size} is not divisible by {heads} heads; change one of them")
     if config.classifier not in ("token", "gap"):
         raise UserError(f"{name}: classifier must be 'token' or 'gap', not {config.classifier!r}")
+    for key in ("dropout_rate", "attention_dropout_rate"):  # a rate of 1 would drop everything and divide by 0
+        rate = config.transformer[key]
+        if not 0 <= rate < 1:
+            raise UserError(f"model.transformer.{key} is a probability in [0, 1), got {rate}")
+    if config.representation_size is not None and config.representation_size <= 0:
+        raise UserError(f"{name}: representation_size must be positive or None, got {config.representation_size}")
     if img_size <= 0:
         raise UserError(f"image size must be positive, not {img_size}")
-    patch_size = config.patches.size[0]
+    size = tuple(config.patches.size)
+    if len(size) != 2 or size[0] != size[1] or not isinstance(size[0], int):  # a square P×P convolution embeds
+        raise UserError(f"model.patches.size must be a square (P, P) of pixels, got {size}; e.g. (4, 4)")
+    patch_size = size[0]
     downsample = resnet_downsample(config.resnet.num_layers) if config.resnet is not None else 1
     if patch_size <= 0 or img_size % (patch_size * downsample):
         what = f"the ResNet stem's 16× downsampling times patch size {patch_size}" if downsample > 1 else (

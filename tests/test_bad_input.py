@@ -1,0 +1,185 @@
+"""Bad input to the five commands: each case must exit with status 2, print exactly one line, `error: ...`, on
+stderr, no traceback, and write nothing (no run directory, no report, no export, no change to the inputs).
+
+The table covers every class of mistake the README promises to catch before anything is written: out-of-range
+values (probabilities, rates, optimizer hyper-parameters, seeds), shapes the model cannot take, names and folders
+that cannot be written, checkpoints that are missing, foreign, unsafe or of another network, recipes that fail,
+and flags that do not exist or are abbreviated.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit_train.cli import attention_main, eval_main, export_main, predict_main, train_main
+from vit_train.config import resolve_config
+from vit_train.train import train
+
+COMMANDS = {"vit-train": train_main, "vit-eval": eval_main, "vit-predict": predict_main,
+            "vit-attention": attention_main, "vit-export": export_main}
+# A valid tiny run; each vit-train case adds its mistake. {tmp} is the test's own folder, {made} the inputs below.
+TRAIN = ["--model", "testing", "--dataset", "synthetic", "--steps", "5", "--batch-size", "32",
+         "--output-dir", "{tmp}/runs", "--name", "run"]
+DONE = "{made}/runs/done"  # a real checkpoint of the testing model
+RECIPES = {
+    "syntax_error.py": "def get_config(:\n",
+    "missing_import.py": "import not_a_module\n",
+    "raises.py": "from vit_train.config import base_config\n\ndef get_config():\n    config = base_config()\n"
+                 "    config.optim.learning_rate = 0.1  # not a key: the locked config refuses it\n    return config\n",
+    "no_get_config.py": "CONFIG = {}\n",
+    "not_a_config.py": "def get_config():\n    return {'optim': {'lr': 0.1}}\n",
+}
+
+CASES = [
+    # vit-train: values out of range
+    ("vit-train", "unknown model", [*TRAIN, "--model", "ViT-Q_16"], "unknown model"),
+    ("vit-train", "unknown dataset", [*TRAIN, "--dataset", "mnist"], "invalid choice"),
+    ("vit-train", "zero lr", [*TRAIN, "--lr", "0"], "learning rate"),
+    ("vit-train", "negative lr", [*TRAIN, "--lr", "-0.1"], "learning rate"),
+    ("vit-train", "infinite lr", [*TRAIN, "--lr", "inf"], "learning rate"),
+    ("vit-train", "nan lr", [*TRAIN, "--lr", "nan"], "learning rate"),
+    ("vit-train", "zero steps", [*TRAIN, "--steps", "0"], "--steps must be positive"),
+    ("vit-train", "zero batch", [*TRAIN, "--batch-size", "0"], "--batch-size must be positive"),
+    ("vit-train", "zero accumulation", [*TRAIN, "--grad-accum", "0"], "--grad-accum must be positive"),
+    ("vit-train", "batch not divisible by accumulation", [*TRAIN, "--batch-size", "30", "--grad-accum", "4"],
+     "not divisible"),
+    ("vit-train", "negative warm-up", [*TRAIN, "--warmup-steps", "-1"], "--warmup-steps"),
+    ("vit-train", "patch does not divide image", [*TRAIN, "--img-size", "30"], "does not divide"),
+    ("vit-train", "dropout 1.5", [*TRAIN, "--set", "model.transformer.dropout_rate=1.5"], "dropout_rate"),
+    ("vit-train", "dropout -0.5", [*TRAIN, "--set", "model.transformer.dropout_rate=-0.5"], "dropout_rate"),
+    ("vit-train", "dropout 1", [*TRAIN, "--set", "model.transformer.dropout_rate=1"], "dropout_rate"),
+    ("vit-train", "attention dropout 2", [*TRAIN, "--set", "model.transformer.attention_dropout_rate=2"],
+     "attention_dropout_rate"),
+    ("vit-train", "non-square patches", [*TRAIN, "--set", "model.patches.size=(4,8)"], "square"),
+    ("vit-train", "negative representation size", [*TRAIN, "--set", "model.representation_size=-5"],
+     "representation_size"),
+    ("vit-train", "beta above 1", [*TRAIN, "--set", "optim.betas=(2.0,0.999)"], "optim.betas"),
+    ("vit-train", "one beta", [*TRAIN, "--set", "optim.betas=(0.9,)"], "optim.betas"),
+    ("vit-train", "negative momentum", [*TRAIN, "--set", "optim.momentum=-1"], "optim.momentum"),
+    ("vit-train", "infinite weight decay", [*TRAIN, "--set", "optim.weight_decay=inf"], "optim.weight_decay"),
+    ("vit-train", "nan gradient clip", [*TRAIN, "--set", "optim.grad_clip=nan"], "optim.grad_clip"),
+    ("vit-train", "label smoothing 1", [*TRAIN, "--set", "optim.label_smoothing=1.0"], "label_smoothing"),
+    ("vit-train", "negative mixup", [*TRAIN, "--set", "data.mixup_alpha=-1"], "data.mixup_alpha"),
+    ("vit-train", "negative seed", [*TRAIN, "--seed", "-1"], "--seed"),
+    ("vit-train", "seed past numpy's range", [*TRAIN, "--seed", str(2**32)], "--seed"),
+    ("vit-train", "unknown precision", [*TRAIN, "--precision", "fp8"], "invalid choice"),
+    ("vit-train", "unknown device", [*TRAIN, "--device", "tpu"], "device"),
+    # vit-train: names and folders
+    ("vit-train", "name with a slash", [*TRAIN, "--name", "a/b"], "cannot be a folder name"),
+    ("vit-train", "name ..", [*TRAIN, "--name", ".."], "cannot be a folder name"),
+    ("vit-train", "empty name", [*TRAIN, "--name", ""], "cannot be a folder name"),
+    ("vit-train", "name with NUL", [*TRAIN, "--name", "a\0b"], "cannot be a folder name"),
+    ("vit-train", "name of 300 bytes", [*TRAIN, "--name", "x" * 300], "cannot be a folder name"),
+    ("vit-train", "output dir under a file", [*TRAIN, "--output-dir", "{made}/notes.txt/runs"], "not a directory"),
+    ("vit-train", "output dir in /proc", [*TRAIN, "--output-dir", "/proc/vit-train-runs"], "not writable"),
+    ("vit-train", "CIFAR missing, download off", [*TRAIN, "--dataset", "cifar10", "--data-dir", "{tmp}/empty",
+                                                   "--no-download"], "downloading is off"),
+    ("vit-train", "missing pretrained file", [*TRAIN, "--pretrained", "{tmp}/nowhere.npz"], "nowhere.npz"),
+    # vit-train: resuming
+    ("vit-train", "resume of a missing file", ["--resume", "{tmp}/nowhere/last.pt"], "no checkpoint at"),
+    ("vit-train", "resume of a non-checkpoint", ["--resume", "{made}/notes.txt"], "not a vit-train checkpoint"),
+    ("vit-train", "resume of a pickled object", ["--resume", "{made}/evil.pt"], "refusing"),
+    ("vit-train", "resume with another hidden size", ["--resume", DONE, "--set", "model.hidden_size=64"],
+     "model.hidden_size cannot change when resuming"),
+    ("vit-train", "resume with other patches", ["--resume", DONE, "--set", "model.patches.size=(8,8)"],
+     "model.patches.size cannot change when resuming"),
+    ("vit-train", "resume at another image size", ["--resume", DONE, "--img-size", "64"],
+     "img_size cannot change when resuming"),
+    ("vit-train", "resume with a recipe", ["--resume", DONE, "--config", "cifar10_scratch"], "cannot be combined"),
+    # vit-train: the command line and recipes
+    ("vit-train", "unknown --set key", [*TRAIN, "--set", "optim.momentun=0.8"], "unknown config key"),
+    ("vit-train", "--set of the wrong type", [*TRAIN, "--set", "optim.lr=fast"], "optim.lr takes a float"),
+    ("vit-train", "--set without =", [*TRAIN, "--set", "lr"], "--set takes KEY=VALUE"),
+    ("vit-train", "unknown flag", [*TRAIN, "--learning-rate", "0.1"], "unrecognized arguments: --learning-rate"),
+    ("vit-train", "abbreviated flag", [*TRAIN, "--batch", "32"], "unrecognized arguments: --batch"),
+    ("vit-train", "--steps with --epochs", [*TRAIN, "--epochs", "3"], "not allowed with argument"),
+    ("vit-train", "missing recipe", [*TRAIN, "--config", "{tmp}/nowhere.py"], "not found"),
+    ("vit-train", "recipe with a syntax error", [*TRAIN, "--config", "{made}/syntax_error.py"],
+     "syntax_error.py failed: SyntaxError"),
+    ("vit-train", "recipe importing a missing module", [*TRAIN, "--config", "{made}/missing_import.py"],
+     "missing_import.py failed: ModuleNotFoundError"),
+    ("vit-train", "recipe setting an unknown key", [*TRAIN, "--config", "{made}/raises.py"],
+     "raises.py failed: AttributeError"),
+    ("vit-train", "recipe without get_config", [*TRAIN, "--config", "{made}/no_get_config.py"], "no get_config"),
+    ("vit-train", "recipe returning a dict", [*TRAIN, "--config", "{made}/not_a_config.py"], "must return"),
+    # vit-eval
+    ("vit-eval", "missing checkpoint", ["--checkpoint", "{tmp}/nope.pt"], "no checkpoint at"),
+    ("vit-eval", "not a checkpoint", ["--checkpoint", "{made}/notes.txt"], "not a vit-train checkpoint"),
+    ("vit-eval", "neither checkpoint nor weights", [], "give --checkpoint"),
+    ("vit-eval", "--img-size with a checkpoint", ["--checkpoint", DONE, "--img-size", "64"], "--img-size"),
+    ("vit-eval", "--json in a missing folder", ["--checkpoint", DONE, "--json", "{tmp}/no/eval.json"],
+     "does not exist"),
+    ("vit-eval", "--json names a folder", ["--checkpoint", DONE, "--json", "{tmp}"], "is a folder"),
+    ("vit-eval", "--json in /proc", ["--checkpoint", DONE, "--json", "/proc/eval.json"], "not writable"),
+    ("vit-eval", "batch size 0", ["--checkpoint", DONE, "--batch-size", "0"], "batch sizes >= 1"),
+    ("vit-eval", "unknown dataset", ["--checkpoint", DONE, "--dataset", "mnist"], "invalid choice"),
+    ("vit-eval", "unknown model for weights", ["--model", "ViT-Q_16", "--pretrained", "{made}/notes.txt"],
+     "unknown model"),
+    ("vit-eval", "unknown device", ["--checkpoint", DONE, "--device", "tpu"], "device"),
+    ("vit-eval", "abbreviated flag", ["--check", DONE], "unrecognized arguments: --check"),
+    # vit-predict
+    ("vit-predict", "missing image", ["--checkpoint", DONE, "{tmp}/nope.png"], "cannot read image"),
+    ("vit-predict", "not an image", ["--checkpoint", DONE, "{made}/notes.txt"], "cannot read image"),
+    ("vit-predict", "top-k 0", ["--checkpoint", DONE, "{made}/horse.png", "--top-k", "0"], "--top-k"),
+    ("vit-predict", "no image", ["--checkpoint", DONE], "required: IMAGE"),
+    ("vit-predict", "missing checkpoint", ["--checkpoint", "{tmp}/nope", "{made}/horse.png"], "no checkpoint at"),
+    # vit-attention
+    ("vit-attention", "--out in a missing folder", ["--checkpoint", DONE, "{made}/horse.png", "--out",
+                                                    "{tmp}/no/a.png"], "does not exist"),
+    ("vit-attention", "--out names a folder", ["--checkpoint", DONE, "{made}/horse.png", "--out", "{tmp}"],
+     "is a folder"),
+    ("vit-attention", "not an image", ["--checkpoint", DONE, "{made}/notes.txt", "--out", "{tmp}/a.png"],
+     "cannot read image"),
+    ("vit-attention", "no --out", ["--checkpoint", DONE, "{made}/horse.png"], "required: --out"),
+    # vit-export
+    ("vit-export", "--out with the card's name", ["--checkpoint", DONE, "--out", "{tmp}/vit.json"], "would hold both"),
+    ("vit-export", "--out in a missing folder", ["--checkpoint", DONE, "--out", "{tmp}/no/vit.pth"], "does not exist"),
+    ("vit-export", "--out names a folder", ["--checkpoint", DONE, "--out", "{tmp}"], "is a folder"),
+    ("vit-export", "--out in /proc", ["--checkpoint", DONE, "--out", "/proc/vit.pth"], "not writable"),
+    ("vit-export", "not a checkpoint", ["--checkpoint", "{made}/notes.txt", "--out", "{tmp}/vit.pth"],
+     "not a vit-train checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """The inputs the cases point at: a real checkpoint, a text file, an unsafe pickle, an image, broken recipes."""
+    made = tmp_path_factory.mktemp("made")
+    train(resolve_config({"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 64,
+                          "data.synthetic_test_size": 32, "batch_size": 32, "schedule.steps": 2, "optim.lr": 1e-3,
+                          "quiet": True, "output_dir": str(made / "runs"), "name": "done"}))
+    (made / "notes.txt").write_text("not a checkpoint")
+
+    class RunsCode:  # a pickle that would create a folder when loaded
+        def __reduce__(self):
+            return (Path.mkdir, (made / "code_ran",))
+
+    torch.save({"model": RunsCode()}, made / "evil.pt")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(made / "horse.png")
+    for name, text in RECIPES.items():
+        (made / name).write_text(text)
+    return made
+
+
+def snapshot(*folders):
+    """Every path under the folders with its size and modification time: any write changes it."""
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for folder in folders for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("command, argv, fragment", [(command, argv, fragment) for command, _, argv, fragment in CASES],
+                         ids=[f"{command}: {what}" for command, what, _, _ in CASES])
+def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(command, argv, fragment, made, tmp_path, capsys):
+    before = snapshot(tmp_path, made)
+    status = COMMANDS[command]([arg.format(tmp=tmp_path, made=made) for arg in argv])
+    out, err = capsys.readouterr()
+    assert status == 2, out + err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert fragment in err and "Traceback" not in err, err
+    assert snapshot(tmp_path, made) == before  # no run directory, report or export; the inputs untouched
+    assert not (made / "code_ran").exists()  # the unsafe pickle's code never ran
+
+
+def test_the_table_has_at_least_40_cases_over_all_five_commands():
+    assert len(CASES) >= 40 and {case[0] for case in CASES} == set(COMMANDS)

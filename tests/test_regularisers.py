@@ -1,0 +1,229 @@
+"""The from-scratch regularisers (stochastic depth, weight EMA, repeated augmentation) and time budgets: each
+does what it claims, is off by default, and survives an interrupted run bit for bit."""
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import vit_train.train
+from vit_train.checkpoint import load_checkpoint
+from vit_train.cli import eval_main
+from vit_train.config import resolve_config
+from vit_train.data import build_loaders, default_data_config
+from vit_train.errors import UserError
+from vit_train.models import create_model
+from vit_train.models.vit import DropPath
+from vit_train.train import (WeightEMA, budget_seconds, budget_steps, duration_line, format_duration, train)
+
+TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
+        "data.synthetic_test_size": 128, "batch_size": 32, "schedule.steps": 30, "schedule.warmup_steps": 3,
+        "optim.lr": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5, "quiet": True}
+ALL_ON = {"model.transformer.drop_path_rate": 0.2, "optim.ema_decay": 0.9, "data.repeated_augmentation": 3,
+          "data.auto_augment": "randaugment", "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, name, **settings):
+    return train(resolve_config({**TINY, "output_dir": str(tmp_path), "name": name, **settings}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stochastic depth
+
+def test_drop_path_keeps_the_expectation_drops_whole_samples_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    drop = DropPath(0.25)
+    branch = torch.randn(4000, 5, 8) + 3.0
+    out = drop(branch)
+    kept = (out != 0).flatten(1)
+    assert (kept.all(dim=1) | (~kept).all(dim=1)).all()  # a sample keeps its whole branch or none of it
+    assert abs((~kept[:, 0]).float().mean().item() - 0.25) < 0.03
+    assert torch.allclose(out[kept[:, 0]], branch[kept[:, 0]] / 0.75)
+    assert abs(out.mean().item() - branch.mean().item()) < 0.05 * branch.mean().item()
+    drop.eval()
+    assert drop(branch) is branch
+
+
+def test_drop_path_rises_linearly_over_the_blocks_and_adds_no_parameters():
+    plain = create_model("ViT-Ti_4", num_layers=5)
+    deep = create_model("ViT-Ti_4", num_layers=5, drop_path_rate=0.2)
+    assert [block.drop_path.p for block in deep.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert plain.state_dict().keys() == deep.state_dict().keys()  # exports and timm loading are unchanged
+    deep.load_state_dict(plain.state_dict())
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.equal(plain.eval()(images), deep.eval()(images))  # identity in evaluation
+
+
+def test_drop_path_changes_training_outputs():
+    torch.manual_seed(0)
+    model = create_model("testing", drop_path_rate=0.5, dropout_rate=0.0).train()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # the head starts at zero: give the branches something to say
+    images = torch.randn(64, 3, 32, 32)
+    assert not torch.allclose(model(images), model(images))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight EMA
+
+def test_ema_after_k_updates_is_the_closed_form():
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema, decay = WeightEMA(model, 0.9), 0.9
+    seen = []
+    for k in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        ema.update(model)
+    for key in start:  # ema_k = d^k w_0 + sum_i (1 - d) d^(k - i) w_i
+        expected = decay**5 * start[key] + sum((1 - decay) * decay**(5 - i) * seen[i - 1][key] for i in range(1, 6))
+        assert torch.allclose(ema.model.state_dict()[key], expected, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+
+
+def test_ema_is_evaluated_saved_and_used_by_vit_eval(tmp_path, capsys):
+    final = run(tmp_path, "ema", **{"optim.ema_decay": 0.8, "schedule.steps": 20})
+    records = [json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"eval_accuracy", "eval_ema_accuracy", "eval_ema_loss"} <= r.keys() for r in records)
+    checkpoint = load_checkpoint(tmp_path / "ema")
+    raw, averaged = checkpoint["model"], checkpoint["ema"]
+    assert raw.keys() == averaged.keys() and not all(torch.equal(raw[k], averaged[k]) for k in raw)
+    best = max(max(r["eval_accuracy"], r["eval_ema_accuracy"]) for r in records)
+    assert final["best_accuracy"] == best  # best.pt is chosen on the better of the two
+
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(tmp_path / "ema"), "--device", "cpu"]) == 0
+    assert f"{final['eval_ema_accuracy']:.4f}" in capsys.readouterr().out.split("accuracy")[1]
+    assert eval_main(["--checkpoint", str(tmp_path / "ema"), "--device", "cpu", "--weights", "raw"]) == 0
+    assert f"{final['eval_accuracy']:.4f}" in capsys.readouterr().out.split("accuracy")[1]
+
+
+def test_weights_ema_without_an_average_is_a_one_line_error(tmp_path, capsys):
+    run(tmp_path, "plain", **{"schedule.steps": 4, "eval_every": 0, "save_every": 0})
+    assert eval_main(["--checkpoint", str(tmp_path / "plain"), "--device", "cpu", "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--weights raw" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repeated augmentation
+
+def loaders(world_size=1, rank=0, repeats=3, batch_size=24):
+    cfg = default_data_config()
+    cfg.update({"name": "synthetic", "synthetic_train_size": 240, "repeated_augmentation": repeats})
+    return build_loaders(cfg, img_size=32, batch_size=batch_size, eval_batch_size=50, device="cpu", seed=5,
+                         rank=rank, world_size=world_size)
+
+
+def test_repeated_augmentation_repeats_each_image_with_different_augmentations():
+    train_loader = loaders().train
+    batches = train_loader.batch_indices(epoch=0)
+    assert len(batches) == len(loaders(repeats=0).train)  # the epoch keeps its length
+    flat = np.concatenate(batches)
+    assert (flat.reshape(-1, 3) == flat.reshape(-1, 3)[:, :1]).all()  # three copies in a row
+    assert len(np.unique(flat)) == len(flat) // 3
+    images, _ = next(train_loader.batches(0))
+    assert not torch.equal(images[0], images[1])  # the copies are augmented apart
+
+
+def test_repeated_augmentation_gives_ranks_disjoint_positions_that_cover_the_global_batch():
+    single = loaders(batch_size=24).train.batch_indices(epoch=2)
+    shards = [loaders(world_size=4, rank=r, batch_size=6).train.batch_indices(epoch=2) for r in range(4)]
+    for b, whole in enumerate(single):
+        assert np.array_equal(np.concatenate([shard[b] for shard in shards]), whole)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time budgets and durations
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1.5h", 5400), ("45", 45),
+                                           ("1d", 86400)])
+def test_budget_durations_parse(text, seconds):
+    assert budget_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["10 minutes", "-5m", "0s", "infs", "m", ""])
+def test_bad_budget_durations_are_one_line_errors(text):
+    with pytest.raises(UserError, match="--time-budget takes a duration"):
+        budget_seconds(text)
+
+
+def test_budget_steps_fit_training_evaluations_and_saves():
+    steps = budget_steps(100.0, step_seconds=0.1, eval_seconds=2.0, save_seconds=0.5, eval_every=200, save_every=0)
+    cost = lambda n: n * 0.1 + (1 + n // 200) * 2.0 + 0.5
+    assert cost(steps) <= 100.0 < cost(steps + 1)
+    assert budget_steps(1.0, step_seconds=0.1, eval_seconds=2.0, save_seconds=0.5, eval_every=0, save_every=0) == 0
+
+
+def test_durations_never_wrap_and_a_long_cpu_run_names_a_cpu_recipe():
+    assert format_duration(27 * 3600 + 2 * 60 + 29) == "1 day 3:02:29"
+    assert format_duration(3 * 86400 + 5) == "3 days 0:00:05"
+    assert format_duration(59) == "0:00:59"
+    line = duration_line(27 * 3600, torch.device("cpu"), steps=9700, steps_per_epoch=97)
+    assert "1 day 3:00:00" in line and "100.0 epochs" in line and "cifar10_cpu --time-budget 10m" in line
+    assert "cifar10_cpu" not in duration_line(27 * 3600, torch.device("cuda"), steps=9700, steps_per_epoch=97)
+
+
+def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tmp_path, monkeypatch):
+    settings = {**TINY, "schedule.steps": None, "time_budget": "6s", "schedule.warmup_fraction": 0.1,
+                "eval_every": 0, "save_every": 50}
+    settings.pop("schedule.steps")
+    config = resolve_config({**settings, "output_dir": str(tmp_path), "name": "budget"})
+    assert config.schedule.steps is None and config.schedule.epochs is None
+    final = train(config)
+    planned = json.loads((tmp_path / "budget" / "config.json").read_text())["schedule"]
+    assert final["step"] == planned["steps"] > 20
+    assert planned["warmup_steps"] == round(0.1 * planned["steps"])
+    assert final["seconds"] <= 6.0
+
+    # The same planned steps without the budget give the same weights: timing the steps changed nothing.
+    again = run(tmp_path, "fixed", **{"schedule.steps": planned["steps"], "schedule.warmup_fraction": 0.1,
+                                      "eval_every": 0, "save_every": 50})
+    assert again["eval_loss"] == final["eval_loss"]
+    a, b = load_checkpoint(tmp_path / "budget")["model"], load_checkpoint(tmp_path / "fixed")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_needs_a_length():
+    with pytest.raises(UserError, match="give --steps, --epochs or --time-budget|time budget"):
+        resolve_config({**TINY, "schedule.steps": None})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Everything on, interrupted and resumed
+
+def test_a_run_with_every_regulariser_resumes_bit_identically(tmp_path, monkeypatch):
+    straight = run(tmp_path, "straight", **ALL_ON)
+    real_step, calls = vit_train.train.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        loss = real_step(*args)
+        if len(calls) == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(vit_train.train, "train_step", step)
+    stopped = run(tmp_path, "interrupted", **ALL_ON)
+    monkeypatch.undo()
+    assert stopped["step"] == 13 and load_checkpoint(tmp_path / "interrupted")["ema"] is not None
+    resumed = train(resolve_config({"resume": str(tmp_path / "interrupted")}))
+    assert (resumed["eval_accuracy"], resumed["eval_ema_accuracy"], resumed["eval_loss"]) == (
+        straight["eval_accuracy"], straight["eval_ema_accuracy"], straight["eval_loss"])
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "interrupted")
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert not math.isnan(resumed["eval_loss"])

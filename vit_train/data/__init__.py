@@ -1,0 +1,15 @@
+"""Datasets -> batches on the training device. The modules, in the order a batch meets them:
+
+    cifar.py, synthetic.py, folders.py   where images come from
+    augment.py, mixing.py                what happens to a batch: crop, flip, auto-augment; mixup, cutmix
+    normalize.py                         uint8 -> the model's normalised float input
+    loaders.py                           how batches are drawn: the data config, seeding, sharding, the loaders
+"""
+from vit_train.data.cifar import ImageArrays, load_cifar
+from vit_train.data.folders import load_rgb
+from vit_train.data.loaders import (DATASETS, EvalLoader, Loaders, TrainLoader, build_loaders, check_data_config,
+                                    default_data_config)
+from vit_train.data.normalize import NORMALIZATIONS, normalization, preprocess_images
+
+__all__ = ["DATASETS", "NORMALIZATIONS", "EvalLoader", "ImageArrays", "Loaders", "TrainLoader", "build_loaders",
+           "check_data_config", "default_data_config", "load_cifar", "load_rgb", "normalization", "preprocess_images"]

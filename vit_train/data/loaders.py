@@ -1,0 +1,236 @@
+"""How batches are drawn: the data config, seeded shuffling and augmentation draws, sharding over ranks, and the
+loaders the trainer and evaluator iterate.
+
+At 32x32 a ViT sees a handful of tokens per image, so the model is cheap and a PIL + DataLoader pipeline would
+starve it. In-memory datasets (CIFAR, synthetic) therefore live on the device as one uint8 tensor per split, and
+each step gathers its batch by index and augments it there, per sample, in a fixed number of batched tensor
+operations whatever the batch size:
+
+    uint8 split --index--> random_crop_flip --> apply_policy_ops --> preprocess_images --> RandomErasing --> LabelMixing
+    on device              (one gather)         (each op once a      (float, normalise,    (boxes of noise)  (mixup /
+                                                 round, batched)      resize)                                 cutmix)
+
+Image folders cannot live in memory; they go through torchvision's ImageFolder and DataLoader workers, which
+decode and crop on the host and hand uint8 batches to the same `preprocess_images`, erasing and mixing on the
+device.
+
+Reproducibility: every random choice is drawn on the host from a numpy Generator keyed by (seed, stream, epoch,
+batch), never from a global RNG. The epoch's permutation depends on (seed, epoch) only and each global batch's
+augmentation parameters on (seed, epoch, batch) only, so a resumed run that calls `batches(epoch, start=k)` sees
+exactly the batches the uninterrupted run saw from batch k on, and N ranks with per-rank batch G/N see, between
+them, the same samples with the same augmentation as one process with batch G (random erasing's boxes too; the
+noise that fills them is drawn on the device, from a seed per rank). (numpy rather than
+torch.Generator because mixup needs Beta samples, which torch cannot draw from an explicit generator.)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import ml_collections
+import numpy as np
+import torch
+
+from vit_train.data.augment import AUGMENT_POLICIES, PADDING_MODES, DeviceAugmentation, RandomErasing
+from vit_train.data.cifar import ImageArrays, load_cifar
+from vit_train.data.folders import folder_sources
+from vit_train.data.mixing import LabelMixing
+from vit_train.data.normalize import NORMALIZATIONS, preprocess_images
+from vit_train.data.synthetic import make_synthetic
+from vit_train.errors import UserError
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `data` section of a training config; users override fields with `--set data.X=...`."""
+    return ml_collections.ConfigDict({
+        "name": "cifar10",            # one of DATASETS
+        "data_dir": "./data",         # holds cifar-10-batches-py/, cifar-100-python/, or an image folder tree
+        "download": True,             # fetch CIFAR (checksum-verified) when its folder is missing
+        "crop_padding": 4,            # random crop after padding by this many pixels; 0 disables the crop
+        "padding_mode": "reflect",    # 'reflect' | 'zeros'
+        "hflip": True,
+        "auto_augment": "none",       # 'none' | 'randaugment' | 'trivialaugment' | 'autoaugment' (CIFAR-10 policy)
+        "random_erasing": 0.0,        # probability that an image gets a box of noise, after normalisation
+        "mixup_alpha": 0.0,           # > 0 enables mixup; with cutmix too, each batch picks one of them 50/50
+        "cutmix_alpha": 0.0,
+        "repeated_augmentation": 0,   # > 1: each image appears this many times in a row, augmented differently
+        "normalize": "dataset",       # 'dataset' (its mean/std) | 'inception' (mean = std = 0.5)
+        "num_workers": 2,             # DataLoader workers, imagefolder only
+        "synthetic_train_size": 2048,
+        "synthetic_test_size": 512,
+        "synthetic_num_classes": 10,
+    })
+
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeded randomness: a Generator per (seed, stream, epoch[, batch]), so no state carries over between steps.
+
+SHUFFLE, AUGMENT, WORKERS = range(3)
+
+
+def keyed_rng(*key: int) -> np.random.Generator:
+    """A generator determined by the whole key (numpy's SeedSequence hashes every element)."""
+    return np.random.default_rng(key)
+
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where batches come from: a uint8 tensor on the device, or an image folder read by DataLoader workers.
+
+class TensorSource:
+    """A split held on the device."""
+
+    def __init__(self, split: ImageArrays, device: torch.device):
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fetch(self, index_batches: list[np.ndarray], worker_seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches' images and labels, gathered on the device (worker_seed: nothing here is random)."""
+        for indices in index_batches:
+            rows = torch.from_numpy(indices).to(self.labels.device, non_blocking=True)
+            yield self.images[rows], self.labels[rows]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loaders: what the trainer and evaluator iterate.
+
+class TrainLoader:
+    """The training batches of one rank: seeded per-epoch shuffle, drop_last, augmentation, optional mixing.
+
+    Global batch b of an epoch is perm[b*G:(b+1)*G] with G = batch_size * world_size and perm seeded by
+    (seed, epoch); rank r takes the r-th contiguous slice of it. For image folders the crop, flip and policy run
+    in DataLoader workers, seeded per epoch: a resumed run gets the same images but not bit-identical crops.
+    """
+
+    def __init__(self, source, data_cfg, *, img_size: int, batch_size: int, seed: int, rank: int, world_size: int,
+                 augmentation: Optional[DeviceAugmentation], mixing: Optional[LabelMixing],
+                 erasing: Optional[RandomErasing] = None):
+        self.source, self.data_cfg, self.img_size = source, data_cfg, img_size
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.global_batch = batch_size * world_size
+        self.augmentation, self.mixing, self.erasing = augmentation, mixing, erasing
+
+    def __len__(self) -> int:
+        return len(self.source) // self.global_batch
+
+    def batch_indices(self, epoch: int, start: int = 0) -> list[np.ndarray]:
+        """This rank's sample indices for each batch of the epoch from batch `start` on.
+
+        With repeated augmentation R > 1 (Hoffer et al. 2020, as DeiT trains ViTs), each image of the permutation
+        is repeated R times in a row and the epoch keeps its length: it sees 1/R of the images, R times each, every
+        copy with its own crop, flip and policy draws. Ranks take disjoint parts of the global batch as always, so
+        the R processes of DDP see between them exactly what one process sees; copies mostly share a rank, where
+        DeiT's sampler spreads them, which changes nothing for a ViT (no batch statistics) as the gradient is the
+        global batch's mean either way.
+        """
+        perm = keyed_rng(self.seed, SHUFFLE, epoch).permutation(len(self.source))
+        repeats = self.data_cfg.repeated_augmentation
+        if repeats > 1:
+            perm = np.repeat(perm, repeats)[:len(self.source)]
+        firsts = (b * self.global_batch + self.rank * self.batch_size for b in range(start, len(self)))
+        return [perm[first:first + self.batch_size] for first in firsts]
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, targets) for each batch of the epoch from batch `start` on; see the class docstring."""
+        worker_seed = int(keyed_rng(self.seed, WORKERS, epoch).integers(2 ** 62))
+        fetched = self.source.fetch(self.batch_indices(epoch, start), worker_seed)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for b, (images, labels) in enumerate(fetched, start):
+            rng = keyed_rng(self.seed, AUGMENT, epoch, b)
+            if self.augmentation is not None:
+                images = self.augmentation(images, self.augmentation.draw(rng, self.global_batch)[mine])
+            x = preprocess_images(images, self.data_cfg, self.img_size)
+            if self.erasing is not None:
+                x = self.erasing(x, self.erasing.draw(rng, self.global_batch, *x.shape[-2:])[mine])
+            yield self.mixing(x, labels, rng) if self.mixing is not None else (x, labels)
+
+
+class EvalLoader:
+    """Every sample of a split exactly once across ranks: rank r gets the r-th contiguous part, unaugmented."""
+
+    def __init__(self, source, data_cfg, *, img_size: int, batch_size: int, rank: int, world_size: int):
+        self.source, self.data_cfg, self.img_size, self.batch_size = source, data_cfg, img_size, batch_size
+        n = len(source)
+        self.indices = np.arange(n * rank // world_size, n * (rank + 1) // world_size)
+        self.num_samples = len(self.indices)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same batches for every epoch; `epoch` is accepted so both loaders are called alike."""
+        firsts = range(start * self.batch_size, self.num_samples, self.batch_size)
+        chunks = [self.indices[first:first + self.batch_size] for first in firsts]
+        for images, labels in self.source.fetch(chunks, worker_seed=0):
+            yield preprocess_images(images, self.data_cfg, self.img_size), labels
+
+
+@dataclass
+class Loaders:
+    """What build_loaders returns: this rank's loaders and the dataset's classes."""
+    train: TrainLoader
+    test: EvalLoader
+    num_classes: int
+    class_names: list[str]
+
+
+def check_data_config(data_cfg) -> None:
+    """Raise UserError for a data config that cannot work, naming the field as `--set data.X` spells it."""
+    choices = {"name": DATASETS, "padding_mode": PADDING_MODES, "auto_augment": ("none", *AUGMENT_POLICIES),
+               "normalize": NORMALIZATIONS}
+    for field, allowed in choices.items():
+        if data_cfg[field] not in allowed:
+            raise UserError(f"unknown data.{field} {data_cfg[field]!r}; choose one of {', '.join(allowed)}")
+    for field in ("crop_padding", "mixup_alpha", "cutmix_alpha", "num_workers", "repeated_augmentation"):
+        if data_cfg[field] < 0:
+            raise UserError(f"data.{field} must be >= 0, got {data_cfg[field]}")
+    if not 0 <= data_cfg.random_erasing <= 1:
+        raise UserError(f"data.random_erasing is a probability, in [0, 1]; got {data_cfg.random_erasing}")
+    for field in ("synthetic_train_size", "synthetic_test_size", "synthetic_num_classes"):
+        if data_cfg[field] < 1:
+            raise UserError(f"data.{field} must be >= 1, got {data_cfg[field]}")
+
+
+def load_in_memory(data_cfg) -> tuple[ImageArrays, ImageArrays, list[str]]:
+    if data_cfg.name == "synthetic":
+        return make_synthetic(data_cfg)
+    return load_cifar(data_cfg.name, data_cfg.data_dir, data_cfg.download)
+
+
+def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: int, device: torch.device,
+                  seed: int, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Train and test loaders for this rank; batch_size is the per-rank step batch (global / world_size)."""
+    check_data_config(data_cfg)
+    if min(img_size, batch_size, eval_batch_size) < 1 or seed < 0 or not 0 <= rank < world_size:
+        raise UserError(f"need img_size, batch sizes >= 1, seed >= 0 and 0 <= rank < world_size; got {img_size}, "
+                        f"{batch_size}, {eval_batch_size}, {seed}, {rank}, {world_size}")
+    device = torch.device(device)
+    if data_cfg.name == "imagefolder":
+        train_source, test_source, class_names = folder_sources(data_cfg, img_size, device)
+        augmentation = None  # done per image by the workers
+    else:
+        train, test, class_names = load_in_memory(data_cfg)
+        train_source, test_source = TensorSource(train, device), TensorSource(test, device)
+        augmentation = DeviceAugmentation(data_cfg, image_size=train.images.shape[-1])
+    mixing = None
+    if data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0:
+        mixing = LabelMixing(data_cfg.mixup_alpha, data_cfg.cutmix_alpha, len(class_names))
+    erasing = RandomErasing(data_cfg.random_erasing) if data_cfg.random_erasing > 0 else None
+    loaders = Loaders(
+        train=TrainLoader(train_source, data_cfg, img_size=img_size, batch_size=batch_size, seed=seed, rank=rank,
+                          world_size=world_size, augmentation=augmentation, mixing=mixing, erasing=erasing),
+        test=EvalLoader(test_source, data_cfg, img_size=img_size, batch_size=eval_batch_size, rank=rank,
+                        world_size=world_size),
+        num_classes=len(class_names), class_names=class_names)
+    if len(loaders.train) == 0:
+        raise UserError(f"a global batch of {batch_size * world_size} (batch size {batch_size} x {world_size} "
+                        f"ranks) is larger than the {len(train_source)} training images; lower the batch size")
+    return loaders
