@@ -9,8 +9,9 @@
 #   set GRAD_ACCUM (2 for 40 GB, 4 for 24 GB; 384 px needs about 3x the memory); the repository installed;
 #   CIFAR in ./data or internet access; the weights, e.g.
 #     wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz
-# How long: an estimate, not a measurement: about 30-60 minutes at 224 px and 2-4 hours at 384 px on one
-#   H100 (the reference port reports 3 h and 12.5 h at 224 and 384 px on its older GPUs).
+# How long: not measured yet. The figure comes from scripts/gpu_check.sh's report, whose speed table times
+#   ViT-B_16's training step at 224 px (bf16): the run is 10,000 steps of 512 images at that rate, plus evaluations;
+#   384 px has 2.9x the tokens. (The reference port reports 3 h and 12.5 h at 224 and 384 px on its older GPUs.)
 #
 # Settings (environment): WEIGHTS (default ViT-B_16.npz), MODEL (default ViT-B_16; must match the weights),
 #   IMG_SIZE (224 or 384), DATASET (cifar10 or cifar100), GRAD_ACCUM (default 1). Extra arguments are passed on:

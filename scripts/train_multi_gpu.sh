@@ -5,8 +5,9 @@
 #
 # Needs: N CUDA GPUs on each machine with NCCL; the repository installed on every machine at the same path;
 #   CIFAR-10 in ./data on each machine, or internet access (each machine's first process downloads it).
-# How long: the one-GPU time (about 10-20 minutes, estimated) divided by a little less than N. At five tokens
-#   per image the per-GPU batch gets small quickly; for more than 8 GPUs raise --batch-size with --lr.
+# How long: not measured yet; at best the one-GPU time (from scripts/gpu_check.sh's report, see
+#   scripts/train_cifar10.sh) divided by N. At five tokens per image the per-GPU batch gets small quickly; for more
+#   than 8 GPUs raise --batch-size with --lr.
 #
 # One machine:    GPUS=8 scripts/train_multi_gpu.sh [extra vit-train flags]
 # Several machines: run the same command on each, with

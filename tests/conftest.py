@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: the ../shared folder, a real CIFAR-10 subset, and fake CIFAR pickles."""
+"""Fixtures shared by the test files: the ../shared folder, a real CIFAR-10 subset, and fake CIFAR pickles; and the
+skipping of tests marked `cuda` where there is no GPU."""
 import pickle
 import subprocess
 import sys
@@ -6,8 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: without one they are skipped, saying why (`pytest -m cuda` selects them)."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")

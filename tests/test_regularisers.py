@@ -16,14 +16,17 @@ from vit_train.config import resolve_config
 from vit_train.data import build_loaders, default_data_config
 from vit_train.errors import UserError
 from vit_train.models import create_model
-from vit_train.models.vit import DropPath
-from vit_train.train import (WeightEMA, budget_seconds, budget_steps, duration_line, format_duration, train)
+from vit_train.models.vit import DropPath, resize_position_grid
+from vit_train.train import (WeightEMA, budget_seconds, budget_steps, duration_line, format_duration, image_size_at,
+                             train)
 
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
         "data.synthetic_test_size": 128, "batch_size": 32, "schedule.steps": 30, "schedule.warmup_steps": 3,
         "optim.lr": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5, "quiet": True}
 ALL_ON = {"model.transformer.drop_path_rate": 0.2, "optim.ema_decay": 0.9, "data.repeated_augmentation": 3,
-          "data.auto_augment": "randaugment", "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0}
+          "data.auto_augment": "autoaugment", "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0,
+          "data.random_erasing": 0.25, "model.patch_dropout": 0.25, "schedule.low_res_size": 16,
+          "schedule.low_res_fraction": 0.5}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,6 +75,48 @@ def test_drop_path_changes_training_outputs():
         torch.nn.init.normal_(p, std=0.2)  # the head starts at zero: give the branches something to say
     images = torch.randn(64, 3, 32, 32)
     assert not torch.allclose(model(images), model(images))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patch dropout and training at a lower resolution first
+
+def test_patch_dropout_keeps_the_cls_token_and_a_share_of_the_patches_in_training_only():
+    torch.manual_seed(0)
+    model = create_model("testing", patch_dropout=0.75).train()
+    tokens = torch.randn(6, 65, 32)
+    tokens[:, 0] = 100.0  # the CLS token, recognisable
+    kept = model.drop_patches(tokens)
+    assert kept.shape == (6, 1 + 16, 32) and (kept[:, 0] == 100.0).all()
+    for image, rows in zip(tokens, kept):  # each kept token is one of the image's own patches, none twice
+        matches = (rows[1:, None, :] == image[None, 1:, :]).all(dim=2)
+        assert (matches.sum(dim=1) == 1).all() and (matches.sum(dim=0) <= 1).all()
+    model.eval()
+    assert model.drop_patches(tokens) is tokens
+
+
+def test_a_model_takes_images_of_a_lower_resolution_with_its_position_grid_resized():
+    model = create_model("testing").eval()  # 4-px patches: an 8x8 grid at 32 px
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    small = torch.randn(2, 3, 16, 16)
+    expected_pos = resize_position_grid(model.pos_embed, 1, 4)
+    assert expected_pos.shape == (1, 1 + 16, 32) and torch.equal(expected_pos[:, 0], model.pos_embed[:, 0])
+    x = torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(small)], dim=1) + expected_pos
+    for block in model.blocks:
+        x, _ = block(x)
+    assert torch.allclose(model(small), model.head(model.norm(x)[:, 0]), atol=1e-6)
+    grid = model.pos_embed[:, 1:].reshape(8, 8, -1)  # downsampling by 2 averages each 2x2 block
+    assert torch.allclose(expected_pos[0, 1], grid[:2, :2].mean(dim=(0, 1)), atol=1e-6)
+
+
+def test_the_low_resolution_share_comes_first():
+    config = resolve_config({**TINY, "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.25})
+    sizes = [image_size_at(step, 40, config) for step in range(40)]
+    assert sizes == [16] * 10 + [32] * 30
+    with pytest.raises(UserError, match="does not divide the image size 14"):
+        resolve_config({**TINY, "schedule.low_res_size": 14})  # 4-px patches
+    with pytest.raises(UserError, match="low_res_size"):
+        resolve_config({**TINY, "schedule.low_res_size": 48})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,3 +272,16 @@ def test_a_run_with_every_regulariser_resumes_bit_identically(tmp_path, monkeypa
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert not math.isnan(resumed["eval_loss"])
+
+
+def test_checkpoints_written_before_the_new_keys_resume_and_evaluate(tmp_path, capsys):
+    """A checkpoint from before stochastic depth, EMA, repeated augmentation and random erasing existed."""
+    run(tmp_path, "old", **{"schedule.steps": 10, "eval_every": 0, "save_every": 5})
+    checkpoint = load_checkpoint(tmp_path / "old" / "last.pt")
+    path = tmp_path / "old" / "before.pt"
+    config = checkpoint["config"]
+    del config["optim"]["ema_decay"], config["data"]["random_erasing"], config["data"]["repeated_augmentation"]
+    del config["model"]["transformer"]["drop_path_rate"], config["model"]["patch_dropout"], checkpoint["ema"]
+    torch.save(checkpoint, path)
+    assert eval_main(["--checkpoint", str(path), "--device", "cpu"]) == 0
+    assert train(resolve_config({"resume": str(path), "schedule.steps": 12}))["step"] == 12

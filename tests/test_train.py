@@ -22,7 +22,9 @@ from vit_train.runtime import resolve_precision, slow_precision_warning
 from vit_train.train import StopSignals, param_groups, train, warmup_cosine, warmup_linear
 
 # The testing model keeps its dropout of 0.1, so exact resumption also covers the dropout generator.
+# Mixing pairs images within each process's batch, so it stays off where runs on 1 and 2 processes are compared.
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
+        "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
         "data.synthetic_test_size": 128, "batch_size": 32, "schedule.steps": 30, "schedule.warmup_steps": 3,
         "optim.lr": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5, "quiet": True}
 NO_DROPOUT = {"model.transformer.dropout_rate": 0.0}

@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
         "name": "warmup_cosine",                         # one of SCHEDULES
         "warmup_steps": 0,
         "warmup_fraction": config_dict.placeholder(float),  # instead of warmup_steps: this fraction of the run
+        "low_res_size": 0,                               # > 0: train at this image side first (then img_size)
+        "low_res_fraction": 0.0,                         # the fraction of the steps trained at low_res_size
         "steps": config_dict.placeholder(int),           # optimizer steps; set this or epochs
         "epochs": config_dict.placeholder(int),          # converted to steps once the dataset size is known
     })
@@ -178,7 +180,8 @@ def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
 def resumed_config(resume) -> ml_collections.ConfigDict:
     """The config saved in a checkpoint, pointed at it; the run continues in the checkpoint's directory."""
     path = checkpoint_path(resume)
-    config = ml_collections.ConfigDict(load_checkpoint(path)["config"])
+    config = base_config()  # keys added since the checkpoint was written keep their defaults (features off)
+    config.update(load_checkpoint(path)["config"])
     config.output_dir, config.name, config.resume = str(path.parent.parent), path.parent.name, str(path)
     config.lock()
     return config
@@ -235,10 +238,20 @@ def validate(config):
     for key in ("batch_size", "optim.name", "optim.lr"):
         require(get_key(config, key) is not None,
                 f"{key} is not set: the recipe must set it, or give it as a flag or with --set")
+    require(config.model.get("name") == config.model_name,
+            f"model_name is {config.model_name!r} but the model config is {config.model.get('name')!r}'s; a recipe "
+            "that sets model_name must set config.model too, e.g. recipe_model(model_name, ...)")
     require(schedule.steps is not None or schedule.epochs is not None or config.time_budget is not None,
             "give --steps, --epochs or --time-budget")
     if config.time_budget is not None:
         budget_seconds(config.time_budget)
+    if schedule.low_res_size:
+        require(0 < schedule.low_res_size < config.img_size,
+                f"schedule.low_res_size must be between 0 and the image size {config.img_size}, got "
+                f"{schedule.low_res_size}")
+        check_model_config(config.model, schedule.low_res_size)
+    require(0 <= schedule.low_res_fraction <= 1,
+            f"schedule.low_res_fraction must be in [0, 1], got {schedule.low_res_fraction}")
     for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.warmup_fraction": schedule.warmup_fraction,
                         "model.transformer.drop_path_rate": config.model.transformer.get("drop_path_rate", 0.0),
                         "model.patch_dropout": config.model.get("patch_dropout", 0.0)}.items():

@@ -17,10 +17,10 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vit_train.errors import UserError
 from vit_train.hub import weights_file
+from vit_train.models.vit import resize_position_grid
 
 
 def load_pretrained(model: torch.nn.Module, path, new_head: bool = True) -> list:
@@ -160,9 +160,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, model) -> tuple:
     if pos_embed.ndim != 3 or pos_embed.shape[2] != target[2] or old_grid**2 != old_tokens:
         return pos_embed, None  # not a grid change: `check_compatible` names the mismatch
     grid = model.grid_size
-    patches = pos_embed[:, prefix:].reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False, antialias=False)
-    resized = torch.cat([pos_embed[:, :prefix], patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+    resized = resize_position_grid(pos_embed, prefix, grid)
     return resized, f"position embeddings resized from a {old_grid}×{old_grid} grid to {grid}×{grid}"
 
 

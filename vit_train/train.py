@@ -135,6 +135,22 @@ def train_step(model, optimizer, scheduler, scaler, images, targets, config, pre
     return loss_sum
 
 
+def image_size_at(step, total_steps, config) -> int:
+    """Progressive resizing: the first schedule.low_res_fraction of the steps see images at low_res_size, the
+    rest at img_size. Low-resolution steps cost a fraction as much (a 16-px image has a quarter of the patches
+    of a 32-px one), so more epochs fit a time budget; the last steps adapt the network to the full resolution
+    it is evaluated at (as Touvron et al. 2019 train low and test high)."""
+    low = config.schedule.low_res_size
+    return low if low and step < round(config.schedule.low_res_fraction * total_steps) else config.img_size
+
+
+def resize_batch(images, size):
+    """Normalised images (B, 3, S, S) at size x size: bilinear with antialiasing, as preprocess_images resizes."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def train_batches(loader, step):
     """This process's batches from optimizer step `step` on, epoch after epoch. The order depends only on
     (seed, epoch, batch), so a resumed run starts mid-epoch exactly where the interrupted one stopped."""
@@ -148,16 +164,15 @@ def train_batches(loader, step):
 # How long a run takes: timed steps, the planned length of a --time-budget run, durations for people.
 
 def time_train_steps(step_fn, batches, warmup: int, timed: int) -> float:
-    """Median seconds of `timed` steps after `warmup` untimed ones (first steps allocate and warm caches)."""
-    times = []
-    for i in range(warmup + timed):
-        images, targets = next(batches)
-        started = time.perf_counter()
-        loss = step_fn(images, targets)
-        float(loss)  # wait for the device
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+    """Mean seconds of `timed` steps, the batch's gathering and augmentation included, after `warmup` untimed
+    ones (first steps allocate and warm caches). The mean, not the median: the run's length is a sum."""
+    for _ in range(warmup):
+        float(step_fn(*next(batches)))
+    started = time.perf_counter()
+    for _ in range(timed):
+        loss = step_fn(*next(batches))
+    float(loss)  # wait for the device
+    return (time.perf_counter() - started) / timed
 
 
 def time_eval_batches(model, test_loader, device, precision, batches: int = 2) -> float:
@@ -193,8 +208,9 @@ def budget_seconds(text) -> float:
 
 
 def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loaders, device, precision,
-                    world_size) -> int:
-    """The number of steps that makes a --time-budget run end within its budget, counted from `started`.
+                    world_size) -> tuple:
+    """(steps, what was measured) for a --time-budget run: the number of steps that makes it end within its
+    budget, counted from `started`.
 
     A few real training steps and test batches are timed, then undone (model, optimizer, loss scaler, EMA and
     random generators restored), so the run that follows is exactly the run `--steps N` would give: the
@@ -208,7 +224,12 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     batches = train_batches(loaders.train, 0)
     first = time_train_steps(lambda x, y: step_on(x, y, None), batches, warmup=1, timed=1)
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
-    step_seconds = time_train_steps(lambda x, y: step_on(x, y, None), batches, warmup=0, timed=timed)
+    low_share = config.schedule.low_res_fraction if config.schedule.low_res_size else 0.0
+    step_seconds = 0.0
+    for size, share in ((config.schedule.low_res_size, low_share), (config.img_size, 1.0 - low_share)):
+        if share > 0:  # the mean step over the run: low- and full-resolution steps in their proportion
+            step_seconds += share * time_train_steps(lambda x, y: step_on(resize_batch(x, size), y, None), batches,
+                                                     warmup=1, timed=timed)
     eval_seconds = time_eval_batches(model, loaders.test, device, precision) * len(loaders.test)
     buffer = io.BytesIO()
     save_started = time.perf_counter()
@@ -223,7 +244,7 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
         ema.model.load_state_dict(snapshot["ema"])
     set_rng_state(snapshot["rng"], device)
     seconds_left = budget - (time.perf_counter() - started)
-    seconds_left -= max(2.0, 0.02 * budget)  # start-up of the loop, the final report, and jitter
+    seconds_left -= max(3.0, 0.03 * budget)  # start-up of the loop, the final report, and a machine's jitter
     steps = budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, config.eval_every,
                          config.save_every)
     steps = all_ranks(steps, world_size)[0]
@@ -231,7 +252,7 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
         raise UserError(f"the time budget {config.time_budget} leaves no time to train after start-up "
                         f"({time.perf_counter() - started:.0f} s) and one evaluation ({eval_seconds:.0f} s); give a "
                         "longer --time-budget")
-    return steps
+    return steps, f"measured: {step_seconds:.3f} s a step, {eval_seconds:.1f} s an evaluation"
 
 
 def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every) -> int:
@@ -426,8 +447,9 @@ def diverged(step, run_dir, saved_step):
 
 def train(config):
     """Run a resolved config (vit_train.config.resolve_config) to its end and return the final metrics:
-    {step, train_loss, eval_loss, eval_accuracy, best_accuracy, images_per_sec, run_dir, stopped_by}, where
-    stopped_by is the number of the signal that interrupted the run, or 0 when it ran to the end."""
+    {step, train_loss, eval_loss, eval_accuracy, eval_ema_accuracy, best_accuracy, images_per_sec, run_dir,
+    stopped_by, seconds}, where stopped_by is the number of the signal that interrupted the run, or 0 when it ran to
+    the end, eval_ema_accuracy is None without optim.ema_decay, and seconds is the wall time since the call."""
     started = time.perf_counter()
     with distributed(config.device) as (rank, world_size, device), StopSignals(announce=rank == 0) as stops, \
             contextlib.ExitStack() as cleanup:
@@ -466,9 +488,10 @@ def train(config):
                 ema.update(model)
             return loss
 
+        calibration = ""
         if config.time_budget and config.schedule.steps is None:  # a resumed budget run keeps its planned steps
-            config.schedule.steps = plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loaders,
-                                                    device, precision, world_size)
+            config.schedule.steps, calibration = plan_budget_run(config, started, step_on, model, optimizer, scaler,
+                                                                 ema, loaders, device, precision, world_size)
         if config.schedule.steps is None:
             config.schedule.steps = config.schedule.epochs * steps_per_epoch
         total_steps = config.schedule.steps
@@ -529,7 +552,8 @@ def train(config):
                 seconds = time.perf_counter() - started
                 log.print(f"time budget {config.time_budget}: {total_steps} steps "
                           f"({total_steps / steps_per_epoch:.1f} epochs) planned to end about "
-                          f"{end_time(budget_seconds(config.time_budget) - seconds)}")
+                          f"{end_time(budget_seconds(config.time_budget) - seconds)}"
+                          + (f" ({calibration})" if calibration else ""))
 
         train_loss = images_per_sec = None
         signum = 0
@@ -538,6 +562,7 @@ def train(config):
         first_step, loop_started = step, time.perf_counter()
         while step < total_steps and not signum:
             images, targets = next(batches)
+            images = resize_batch(images, image_size_at(step, total_steps, config))
             lr = optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler after the previous one
             window.append(step_on(images, targets, scheduler))
             step += 1

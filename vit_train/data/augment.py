@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -454,14 +454,14 @@ class DeviceAugmentation:
 
 @dataclass
 class ErasingBoxes:
-    """The boxes of a batch, one row (top, left, height, width) per image, height 0 where nothing is erased; and
-    the seed of the noise that fills them."""
+    """The boxes of the global batch, one row (top, left, height, width) per image, height 0 where nothing is
+    erased; the seed of the noise that fills them; and the rows of this rank's images."""
     boxes: np.ndarray
     noise_seed: int
+    mine: slice = field(default_factory=lambda: slice(None))
 
     def __getitem__(self, rows: slice) -> "ErasingBoxes":
-        # A rank's slice of the global batch draws its noise from a stream of its own.
-        return ErasingBoxes(self.boxes[rows], self.noise_seed + (rows.start or 0))
+        return ErasingBoxes(self.boxes, self.noise_seed, rows)
 
 
 class RandomErasing:
@@ -490,16 +490,22 @@ class RandomErasing:
         return ErasingBoxes(np.stack([tops, lefts, heights, widths], axis=1), int(rng.integers(2 ** 62)))
 
     def __call__(self, images: torch.Tensor, boxes: ErasingBoxes) -> torch.Tensor:
-        """Fill the boxes with noise, drawn on the device for the erased images only. Changes `images` in place."""
+        """Fill this rank's boxes with noise, drawn on the device for the erased images only. Changes `images` in
+        place. The noise is drawn for the erased images of the whole global batch and this rank's rows taken, so
+        N ranks erase with exactly the noise one process would (a p-th of a batch of noise: cheap)."""
         n, c, h, w = images.shape
-        erased = np.flatnonzero(boxes.boxes[:, 2] > 0)
-        drawn = to_device(np.concatenate([erased[:, None], boxes.boxes[erased]], axis=1), images.device)
+        first = boxes.mine.start or 0
+        erased_anywhere = np.flatnonzero(boxes.boxes[:, 2] > 0)
+        is_mine = (erased_anywhere >= first) & (erased_anywhere < first + n)
+        erased = erased_anywhere[is_mine]
+        drawn = to_device(np.concatenate([erased[:, None] - first, boxes.boxes[erased]], axis=1), images.device)
         rows, top, left, height, width = drawn.unbind(1)
         ys, xs = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
         in_rows = (ys >= top[:, None]) & (ys < (top + height)[:, None])
         in_cols = (xs >= left[:, None]) & (xs < (left + width)[:, None])
         inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-        noise = torch.randn((len(erased), c, h, w), device=images.device, dtype=images.dtype,
+        noise = torch.randn((len(erased_anywhere), c, h, w), device=images.device, dtype=images.dtype,
                             generator=torch.Generator(images.device).manual_seed(boxes.noise_seed))
+        noise = noise[to_device(np.flatnonzero(is_mine), images.device)]
         images.index_copy_(0, rows, torch.where(inside, noise, images.index_select(0, rows)))
         return images

@@ -167,6 +167,7 @@ class VisionTransformer(nn.Module):
         else:
             self.stem = nn.Identity()
             in_channels, feature_size = 3, img_size
+        self.patch_size = patch_size
         self.grid_size = feature_size // patch_size
         num_patches = self.grid_size**2
         self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
@@ -216,11 +217,20 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Equation 1: patch embeddings, the CLS token in front, plus position embeddings."""
-        x = self.patch_embed(self.stem(images))
+        """Equation 1: patch embeddings, the CLS token in front, plus position embeddings.
+
+        Images of another size than img_size (training at a lower resolution first, as a time-budget recipe
+        may) get the position embeddings resized to their grid, as the paper does for fine-tuning at a higher
+        resolution; at img_size they are used as they are."""
+        features = self.stem(images)
+        x = self.patch_embed(features)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(self.drop_patches(x + self.pos_embed))
+        grid = features.shape[-1] // self.patch_size
+        pos_embed = self.pos_embed
+        if grid != self.grid_size:
+            pos_embed = resize_position_grid(pos_embed, self.num_prefix_tokens, grid)
+        return self.pos_drop(self.drop_patches(x + pos_embed))
 
     def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Patch dropout (Liu et al. 2023, "PatchDropout"): in training, each image keeps a random subset of its
@@ -245,6 +255,16 @@ class VisionTransformer(nn.Module):
         features = x[:, 0] if self.use_cls_token else x.mean(dim=1)
         logits = self.head(self.pre_logits(features))
         return (logits, attention) if return_attention else logits
+
+
+def resize_position_grid(pos_embed: torch.Tensor, num_prefix_tokens: int, grid: int) -> torch.Tensor:
+    """Position embeddings (1, prefix + g*g, D) for a grid x grid patch grid: the g x g patch rows resampled
+    bilinearly (no antialias, as timm's loader of Google's checkpoints), the prefix (CLS) rows unchanged."""
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(round(patches.shape[1] ** 0.5))
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False, antialias=False)
+    return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
 def check_config(config: ml_collections.ConfigDict, img_size: int):
