@@ -251,8 +251,9 @@ def torchrun(*args):
 
 
 def test_two_gloo_processes_match_one_and_resume(tmp_path):
-    sets = cli_sets(schedule__steps=20, **NO_DROPOUT)
-    single = run(tmp_path, "single", schedule__steps=20, **NO_DROPOUT)
+    # With a weight EMA too: every process must average rank 0's weights, not its own random start.
+    sets = cli_sets(schedule__steps=20, optim__ema_decay=0.9, **NO_DROPOUT)
+    single = run(tmp_path, "single", schedule__steps=20, optim__ema_decay=0.9, **NO_DROPOUT)
     double = torchrun("--output-dir", str(tmp_path), "--name", "double", *sets)
     out, err = double.communicate(timeout=300)
     assert double.returncode == 0, err
@@ -260,6 +261,9 @@ def test_two_gloo_processes_match_one_and_resume(tmp_path):
     assert final["step"] == 20
     assert final["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-4)
     assert final["eval_accuracy"] == pytest.approx(single["eval_accuracy"], abs=1 / 128)
+    last = json.loads((tmp_path / "double" / "metrics.jsonl").read_text().splitlines()[-1])
+    single_last = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_ema_loss"] == pytest.approx(single_last["eval_ema_loss"], abs=1e-4)
     assert len(load_checkpoint(tmp_path / "double")["rng"]) == 2  # each process's generators
 
     # Interrupted with SIGTERM (torchrun passes it on to both processes), then resumed under torchrun.

@@ -10,7 +10,8 @@ A checkpoint is a dict of tensors and plain Python values, saved with `torch.sav
     config          the resolved config as a plain dict
     class_names     the dataset's class names, in label order
     metrics         the last evaluation: {step, eval_loss, eval_accuracy}, or {} before the first
-    best_accuracy   the best eval accuracy so far (-1.0 before the first evaluation)
+    best_accuracy   the best eval accuracy so far, of the raw or the EMA weights (-1.0 before the first evaluation)
+    ema             the EMA of the weights (optim.ema_decay), a state dict like model's; None without one
 
 Writes are atomic (temporary file, fsync, rename), so a crash mid-save leaves the previous file intact.
 """
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -77,7 +79,7 @@ def write_atomically(path, write, what="file") -> None:
         os.close(directory)
 
 
-def folder_write_error(folder) -> str | None:
+def folder_write_error(folder) -> Optional[str]:
     """Why no file can be created in the existing folder `folder`, or None when one can. It really creates one,
     unnamed and gone when closed: os.access says yes to root everywhere, even on /proc or a read-only mount."""
     try:

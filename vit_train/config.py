@@ -135,6 +135,8 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
         config = load_recipe(recipe or DEFAULT_RECIPES[bool(overrides.get("pretrained"))])
     assignments = [*overrides.items(), *map(parse_assignment, sets)]
     fixed = fixed_on_resume(config) if resume else {}
+    if resume and any(key == "time_budget" for key, _ in assignments):
+        raise UserError("a resumed run keeps the steps its time budget planned; give --steps N to change its length")
     # model.* keys wait for the model config, which comes from model_name, itself maybe among the assignments.
     for key, value in assignments:
         for alternatives in ALTERNATIVE_KEYS:
@@ -143,8 +145,8 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
                     set_key(config, other, 0 if other == "schedule.warmup_steps" else None)
         if not key.startswith("model."):
             set_key(config, key, value)
-    # A recipe may give its own model config (a named model with changes); a --model flag replaces it.
-    if not resume and (config.model is None or "model_name" in dict(assignments)):
+    # A recipe may give its own model config (a named model with changes); --model naming another model replaces it.
+    if not resume and (config.model is None or config.model.get("name") != config.model_name):
         config.model = get_config(config.model_name)
     for key, value in assignments:
         if key.startswith("model."):
@@ -252,9 +254,7 @@ def validate(config):
         check_model_config(config.model, schedule.low_res_size)
     require(0 <= schedule.low_res_fraction <= 1,
             f"schedule.low_res_fraction must be in [0, 1], got {schedule.low_res_fraction}")
-    for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.warmup_fraction": schedule.warmup_fraction,
-                        "model.transformer.drop_path_rate": config.model.transformer.get("drop_path_rate", 0.0),
-                        "model.patch_dropout": config.model.get("patch_dropout", 0.0)}.items():
+    for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.warmup_fraction": schedule.warmup_fraction}.items():
         require(value is None or 0 <= value < 1, f"{what} must be in [0, 1), got {value}")
     require(optim.name in OPTIMIZERS, f"unknown optimizer {optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     require(schedule.name in SCHEDULES, f"unknown schedule {schedule.name!r}; choose one of {', '.join(SCHEDULES)}")

@@ -178,15 +178,17 @@ def time_train_steps(step_fn, batches, warmup: int, timed: int) -> float:
 def time_eval_batches(model, test_loader, device, precision, batches: int = 2) -> float:
     """Seconds per test batch of a full evaluation pass, from its first `batches` batches."""
     evaluated = eval_logits(model, test_loader, device, precision)
-    next(evaluated)[0].sum().item()  # untimed: the first batch warms up
-    started, count = time.perf_counter(), 0
+    started = time.perf_counter()
+    next(evaluated)[0].sum().item()  # the first batch, warming up; timed only when it is the only one
+    first_seconds, count = time.perf_counter() - started, 0
+    started = time.perf_counter()
     for logits, _ in evaluated:
         logits.sum().item()
         count += 1
         if count == batches:
             break
     evaluated.close()
-    return (time.perf_counter() - started) / max(count, 1)
+    return (time.perf_counter() - started) / count if count else first_seconds
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -223,6 +225,7 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     budget = budget_seconds(config.time_budget)
     batches = train_batches(loaders.train, 0)
     first = time_train_steps(lambda x, y: step_on(x, y, None), batches, warmup=1, timed=1)
+    first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
     low_share = config.schedule.low_res_fraction if config.schedule.low_res_size else 0.0
     step_seconds = 0.0
@@ -231,9 +234,8 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
             step_seconds += share * time_train_steps(lambda x, y: step_on(resize_batch(x, size), y, None), batches,
                                                      warmup=1, timed=timed)
     eval_seconds = time_eval_batches(model, loaders.test, device, precision) * len(loaders.test)
-    buffer = io.BytesIO()
-    save_started = time.perf_counter()
-    torch.save(snapshot, buffer)
+    save_started = time.perf_counter()  # the optimizer now holds its moments, as in the run's checkpoints
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, io.BytesIO())
     save_seconds = 2 * (time.perf_counter() - save_started)  # serialising, and as long again for the disk
     eval_seconds = (2 if ema is not None else 1) * eval_seconds + save_seconds  # raw and EMA; a new best.pt
 
@@ -475,12 +477,12 @@ def train(config):
                 print(f"loaded {config.pretrained}" + "".join(f"; {note}" for note in notes))
         optimizer = build_optimizer(model, config.optim)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        ema = WeightEMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         eval_model = torch.compile(model) if config.compile else model
         train_model = eval_model
         if world_size > 1:
             device_ids = [device.index] if device.type == "cuda" else None
-            train_model = DistributedDataParallel(eval_model, device_ids=device_ids)
+            train_model = DistributedDataParallel(eval_model, device_ids=device_ids)  # copies rank 0's weights
+        ema = WeightEMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None  # after DDP's copy
 
         def step_on(images, targets, scheduler):
             loss = train_step(train_model, optimizer, scheduler, scaler, images, targets, config, precision)
@@ -504,8 +506,8 @@ def train(config):
         if config.resume:
             checkpoint = load_checkpoint(config.resume)
             model.load_state_dict(checkpoint["model"])
-            if ema is not None and checkpoint.get("ema"):
-                ema.model.load_state_dict(checkpoint["ema"])
+            if ema is not None:  # a run that turns the EMA on when resumed starts it from the resumed weights
+                ema.model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             if checkpoint["scaler"]:
@@ -548,12 +550,11 @@ def train(config):
                           f"{total_steps}-step run, so the learning rate never reaches its peak; "
                           f"give a smaller --warmup-steps")
 
-            if config.time_budget:
+            if calibration:
                 seconds = time.perf_counter() - started
                 log.print(f"time budget {config.time_budget}: {total_steps} steps "
                           f"({total_steps / steps_per_epoch:.1f} epochs) planned to end about "
-                          f"{end_time(budget_seconds(config.time_budget) - seconds)}"
-                          + (f" ({calibration})" if calibration else ""))
+                          f"{end_time(budget_seconds(config.time_budget) - seconds)} ({calibration})")
 
         train_loss = images_per_sec = None
         signum = 0
@@ -568,7 +569,7 @@ def train(config):
             step += 1
             if log:
                 log.step()
-                if step == first_step + ESTIMATE_AFTER_STEPS and not config.time_budget and step < total_steps:
+                if step == first_step + ESTIMATE_AFTER_STEPS and not calibration and step < total_steps:
                     float(window[-1])  # wait for the device: the steps so far are done
                     per_step = (time.perf_counter() - loop_started) / ESTIMATE_AFTER_STEPS
                     log.print(duration_line(per_step * (total_steps - step), device, total_steps, steps_per_epoch))

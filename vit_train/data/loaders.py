@@ -18,8 +18,8 @@ Reproducibility: every random choice is drawn on the host from a numpy Generator
 batch), never from a global RNG. The epoch's permutation depends on (seed, epoch) only and each global batch's
 augmentation parameters on (seed, epoch, batch) only, so a resumed run that calls `batches(epoch, start=k)` sees
 exactly the batches the uninterrupted run saw from batch k on, and N ranks with per-rank batch G/N see, between
-them, the same samples with the same augmentation as one process with batch G (random erasing's boxes too; the
-noise that fills them is drawn on the device, from a seed per rank). (numpy rather than
+them, the same samples with the same augmentation as one process with batch G (random erasing's boxes and noise
+too). Mixup and cutmix pair images within each rank's batch, as timm and DeiT do. (numpy rather than
 torch.Generator because mixup needs Beta samples, which torch cannot draw from an explicit generator.)
 """
 from __future__ import annotations

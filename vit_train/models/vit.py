@@ -277,10 +277,12 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
         raise UserError(f"{name}: hidden size {hidden_size} is not divisible by {heads} heads; change one of them")
     if config.classifier not in ("token", "gap"):
         raise UserError(f"{name}: classifier must be 'token' or 'gap', not {config.classifier!r}")
-    for key in ("dropout_rate", "attention_dropout_rate"):  # a rate of 1 would drop everything and divide by 0
-        rate = config.transformer[key]
+    rates = {f"model.transformer.{key}": config.transformer.get(key, 0.0)
+             for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate")}
+    rates["model.patch_dropout"] = config.get("patch_dropout", 0.0)
+    for key, rate in rates.items():  # a rate of 1 would drop everything and divide by 0
         if not 0 <= rate < 1:
-            raise UserError(f"model.transformer.{key} is a probability in [0, 1), got {rate}")
+            raise UserError(f"{key} is a probability in [0, 1), got {rate}")
     if config.representation_size is not None and config.representation_size <= 0:
         raise UserError(f"{name}: representation_size must be positive or None, got {config.representation_size}")
     if img_size <= 0:
