@@ -22,9 +22,11 @@ from vit_train.runtime import resolve_precision, slow_precision_warning
 from vit_train.train import StopSignals, param_groups, train, warmup_cosine, warmup_linear
 
 # The testing model keeps its dropout of 0.1, so exact resumption also covers the dropout generator.
-# Mixing pairs images within each process's batch, so it stays off where runs on 1 and 2 processes are compared.
+# Crop and flip only, whatever the default recipe adds: these runs are a few dozen steps, which heavier
+# augmentation would leave near chance; and mixing pairs images within each process's batch, so it stays off
+# where runs on 1 and 2 processes are compared.
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
-        "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
+        "data.auto_augment": "none", "data.random_erasing": 0.0, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
         "data.synthetic_test_size": 128, "batch_size": 32, "schedule.steps": 30, "schedule.warmup_steps": 3,
         "optim.lr": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5, "quiet": True}
 NO_DROPOUT = {"model.transformer.dropout_rate": 0.0}
@@ -165,16 +167,23 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(action, 
     assert_same_weights(run_dir, straight_dir)
 
 
-def test_sigterm_to_the_command_saves_and_prints_how_to_resume(tmp_path):
+def signal_a_long_run(tmp_path, *signums):
+    """Start `python -m vit_train` on a 5000-step run, send it `signums` once it logged step 10; (process, out, err)."""
     command = [sys.executable, "-m", "vit_train", "--output-dir", str(tmp_path), "--name", "long",
                *cli_sets(schedule__steps=5000, save_every=0)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in process.stdout:
         if line.startswith("step 10/"):
-            process.send_signal(signal.SIGTERM)
+            for signum in signums:
+                process.send_signal(signum)
             break
     out, err = process.communicate(timeout=120)
+    return process, out, err
+
+
+def test_sigterm_to_the_command_saves_and_prints_how_to_resume(tmp_path):
+    process, out, err = signal_a_long_run(tmp_path, signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM: finishing step " in err and "send SIGTERM again to stop at once without saving" in err
     assert f"Resume with: vit-train --resume {tmp_path / 'long'}" in out
@@ -186,16 +195,8 @@ def test_sigterm_to_the_command_saves_and_prints_how_to_resume(tmp_path):
 
 
 def test_sigint_says_what_happens_and_a_repeat_within_a_second_changes_nothing(tmp_path):
-    command = [sys.executable, "-m", "vit_train", "--output-dir", str(tmp_path), "--name", "long",
-               *cli_sets(schedule__steps=5000, save_every=0)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in process.stdout:
-        if line.startswith("step 10/"):
-            process.send_signal(signal.SIGINT)
-            process.send_signal(signal.SIGINT)  # as under torchrun: the terminal's Ctrl-C, then torchrun's copy
-            break
-    out, err = process.communicate(timeout=120)
+    # Twice at once, as under torchrun: the terminal's Ctrl-C, then torchrun's copy.
+    process, out, err = signal_a_long_run(tmp_path, signal.SIGINT, signal.SIGINT)
     assert process.returncode == 128 + signal.SIGINT, err
     said = [line for line in err.splitlines() if line.startswith("SIGINT")]
     assert len(said) == 1 and "Traceback" not in err, err
