@@ -240,9 +240,6 @@ def validate(config):
     for key in ("batch_size", "optim.name", "optim.lr"):
         require(get_key(config, key) is not None,
                 f"{key} is not set: the recipe must set it, or give it as a flag or with --set")
-    require(config.model.get("name") == config.model_name,
-            f"model_name is {config.model_name!r} but the model config is {config.model.get('name')!r}'s; a recipe "
-            "that sets model_name must set config.model too, e.g. recipe_model(model_name, ...)")
     require(schedule.steps is not None or schedule.epochs is not None or config.time_budget is not None,
             "give --steps, --epochs or --time-budget")
     if config.time_budget is not None:

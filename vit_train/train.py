@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vit_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomically
-from vit_train.data import build_loaders
+from vit_train.data import build_loaders, resize_images
 from vit_train.errors import UserError
 from vit_train.evaluate import attention_image, eval_logits, evaluate_model
 from vit_train.models import VisionTransformer
@@ -144,13 +144,6 @@ def image_size_at(step, total_steps, config) -> int:
     return low if low and step < round(config.schedule.low_res_fraction * total_steps) else config.img_size
 
 
-def resize_batch(images, size):
-    """Normalised images (B, 3, S, S) at size x size: bilinear with antialiasing, as preprocess_images resizes."""
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
 def train_batches(loader, step):
     """This process's batches from optimizer step `step` on, epoch after epoch. The order depends only on
     (seed, epoch, batch), so a resumed run starts mid-epoch exactly where the interrupted one stopped."""
@@ -231,7 +224,7 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     step_seconds = 0.0
     for size, share in ((config.schedule.low_res_size, low_share), (config.img_size, 1.0 - low_share)):
         if share > 0:  # the mean step over the run: low- and full-resolution steps in their proportion
-            step_seconds += share * time_train_steps(lambda x, y: step_on(resize_batch(x, size), y, None), batches,
+            step_seconds += share * time_train_steps(lambda x, y: step_on(resize_images(x, size), y, None), batches,
                                                      warmup=1, timed=timed)
     eval_seconds = time_eval_batches(model, loaders.test, device, precision) * len(loaders.test)
     save_started = time.perf_counter()  # the optimizer now holds its moments, as in the run's checkpoints
@@ -565,7 +558,7 @@ def train(config):
         first_step, loop_started = step, time.perf_counter()
         while step < total_steps and not signum:
             images, targets = next(batches)
-            images = resize_batch(images, image_size_at(step, total_steps, config))
+            images = resize_images(images, image_size_at(step, total_steps, config))
             lr = optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler after the previous one
             window.append(step_on(images, targets, scheduler))
             step += 1

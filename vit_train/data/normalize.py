@@ -32,9 +32,14 @@ def preprocess_images(images: torch.Tensor, data_cfg, img_size: int) -> torch.Te
     """uint8 images (B, 3, H, W) -> float32 (B, 3, img_size, img_size), normalised; resized bilinearly if needed."""
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) * 255 for v in normalization(data_cfg))
     x = images.to(torch.float32, copy=True).sub_(mean).div_(std)  # the copy keeps a float input from changing
-    if x.shape[-2:] != (img_size, img_size):
-        # Normalising first is exact (bilinear weights sum to 1) and cheaper when upsampling 32 px to 224 or 384.
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
-    return x
+    # Normalising first is exact (bilinear weights sum to 1) and cheaper when upsampling 32 px to 224 or 384.
+    return resize_images(x, img_size)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (B, 3, H, W) at size x size: bilinear with antialiasing; unchanged when already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
