@@ -100,6 +100,49 @@ def test_patch_dropout_keeps_the_cls_token_and_a_share_of_the_patches_in_trainin
     assert model.drop_patches(tokens) is tokens
 
 
+def test_sincos2d_position_embeddings_follow_the_formula_per_entry():
+    model = create_model("testing", position_embedding="sincos2d", hidden_size=32)  # 8x8 grid, 8 frequencies
+    assert torch.equal(model.pos_embed[0, 0], torch.zeros(32))  # the CLS token has no position
+    for row, column in [(0, 0), (0, 5), (3, 1), (7, 7)]:
+        embedding = model.pos_embed[0, 1 + row * 8 + column].double()
+        for k in range(8):
+            frequency = 10000.0 ** (-k / 7)
+            expected = [math.sin(column * frequency), math.cos(column * frequency),
+                        math.sin(row * frequency), math.cos(row * frequency)]
+            assert embedding[[k, 8 + k, 16 + k, 24 + k]].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_fixed_position_embeddings_stay_fixed_in_training_and_keep_the_state_dict(tmp_path):
+    learned = create_model("testing")
+    fixed = create_model("testing", position_embedding="sincos2d")
+    assert {k: v.shape for k, v in fixed.state_dict().items()} == {k: v.shape for k, v in learned.state_dict().items()}
+    assert not fixed.pos_embed.requires_grad and learned.pos_embed.requires_grad
+    run(tmp_path, "fixed", **{"model.position_embedding": "sincos2d"})
+    trained = load_checkpoint(tmp_path / "fixed" / "last.pt")["model"]
+    assert torch.equal(trained["pos_embed"], fixed.pos_embed.detach())  # same formula, never updated
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], fixed.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_mimetic_attention_products_are_the_papers_identity_plus_noise():
+    torch.manual_seed(0)
+    model = create_model("testing", hidden_size=64, num_heads=1, attention_init="mimetic")  # full-rank heads
+    for block in model.blocks:
+        query, key, value = block.attn.qkv.weight.detach().chunk(3)
+        for product, scale, identity in ((query.T @ key, 0.7, 0.7),
+                                         (value.T @ block.attn.proj.weight.detach().T, 0.4, -0.4)):
+            noise = product - identity * torch.eye(64)  # scale * Z with Z ~ N(0, 1/64)
+            assert abs(noise.mean()) < 0.02 and noise.std() == pytest.approx(scale / 8, rel=0.1)
+        assert torch.equal(block.attn.qkv.bias.detach(), torch.zeros(192))
+    heads = create_model("testing", hidden_size=64, num_heads=4, attention_init="mimetic").blocks[0].attn
+    query, key, _ = heads.qkv.weight.detach().chunk(3)
+    for head in range(4):  # each head's rank-16 share of the identity: a positive trace, as in trained ViTs
+        rows = slice(16 * head, 16 * (head + 1))
+        assert torch.linalg.matrix_rank(query[rows].T @ key[rows]) == 16
+        assert (query[rows].T @ key[rows]).trace() > 0.2 * 64
+    with pytest.raises(UserError, match="attention_init must be 'xavier' or 'mimetic'"):
+        create_model("testing", attention_init="identity")
+
+
 def test_a_model_takes_images_of_a_lower_resolution_with_its_position_grid_resized():
     model = create_model("testing").eval()  # 4-px patches: an 8x8 grid at 32 px
     for p in model.parameters():

@@ -76,6 +76,8 @@ def param_groups(model, weight_decay):
     decay would pull those offsets and embeddings towards zero for no regularising benefit."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # fixed position embeddings
+            continue
         (no_decay if param.ndim <= 1 or name in NO_WEIGHT_DECAY else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -39,6 +39,8 @@ OVERRIDES = {
     "drop_path_rate": ("transformer", "drop_path_rate"),
     "patch_dropout": ("patch_dropout",),
     "classifier": ("classifier",),
+    "position_embedding": ("position_embedding",),
+    "attention_init": ("attention_init",),
     "representation_size": ("representation_size",),
 }
 
@@ -56,6 +58,8 @@ def _vit_config(name, hidden_size, num_layers, mlp_dim, num_heads, patch_size, d
     config.transformer.dropout_rate = dropout_rate
     config.transformer.drop_path_rate = 0.0  # stochastic depth of the last block; 0 = off, as in the original
     config.classifier = "token"
+    config.position_embedding = "learned"  # or "sincos2d": fixed 2-D sine-cosine (Beyer et al. 2022)
+    config.attention_init = "xavier"  # or "mimetic": Q·Kᵀ ≈ identity, V·proj ≈ -identity (Trockman & Kolter 2023)
     config.patch_dropout = 0.0  # fraction of patch tokens left out in training (PatchDropout); 0 = off
     config.representation_size = None
     config.resnet = None

@@ -175,6 +175,11 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if self.use_cls_token else None
         self.num_prefix_tokens = int(self.use_cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, hidden_size))
+        # Configs saved before the key existed have learned position embeddings, as the paper.
+        self.fixed_position_embedding = config.get("position_embedding", "learned") == "sincos2d"
+        # A fixed embedding stays a (frozen) parameter named pos_embed: the state dict is the same as ever, and
+        # an exported model loads into timm, which learns its copy from there if trained further.
+        self.pos_embed.requires_grad_(not self.fixed_position_embedding)
         self.pos_drop = Dropout(config.transformer.dropout_rate)
         self.patch_dropout = config.get("patch_dropout", 0.0)  # absent from configs saved before it existed
         depth = config.transformer.num_layers
@@ -195,7 +200,9 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """The original Flax initialisation: Xavier-uniform Linear layers, LeCun-normal patch projection,
-        N(0, 0.02) position embeddings, zero CLS token and a zero head (so a fresh model predicts uniformly)."""
+        N(0, 0.02) position embeddings, zero CLS token and a zero head (so a fresh model predicts uniformly).
+        Fixed position embeddings are the sine-cosine grid (zero for the CLS token); mimetic attention replaces
+        the Xavier query, key, value and projection weights."""
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if name.endswith("attn.qkv"):
@@ -210,7 +217,13 @@ class VisionTransformer(nn.Module):
         fan_in = self.patch_embed.proj.weight[0].numel()
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=math.sqrt(1 / fan_in) / 0.87962566103423978)
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.fixed_position_embedding:
+            self.pos_embed[:, self.num_prefix_tokens:] = sincos_position_grid(self.grid_size, self.pos_embed.shape[2])
+        else:
+            nn.init.normal_(self.pos_embed, std=0.02)
+        if self.config.get("attention_init", "xavier") == "mimetic":  # configs saved before the key: xavier
+            for block in self.blocks:
+                mimetic_attention_init_(block.attn)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
         nn.init.zeros_(self.head.weight)
@@ -257,6 +270,47 @@ class VisionTransformer(nn.Module):
         return (logits, attention) if return_attention else logits
 
 
+@torch.no_grad()
+def mimetic_attention_init_(attention: MultiHeadSelfAttention, qk=(0.7, 0.7), vo=(0.4, 0.4)):
+    """Mimetic initialisation (Trockman & Kolter 2023): each head's W_q W_kᵀ ≈ a·Z + b·I and the layer's
+    W_v W_proj ≈ a·Z - b·I, with Z ~ N(0, 1/D) and (a, b) as the paper. Trained ViTs have these products; started
+    there, a head attends to tokens like its own, so with position embeddings that are alike for neighbouring
+    patches (sincos2d) attention begins local, like a convolution, and learns faster on small datasets. Each
+    product is factored by SVD (truncated to the head's rank for W_q W_kᵀ); biases stay zero."""
+    width, head_dim = attention.proj.weight.shape[0], attention.head_dim
+    query, key, value = attention.qkv.weight.chunk(3)  # (D, D) views; row r computes output feature r
+
+    def factors(scale, identity, rank):
+        """L (D, rank), R (rank, D) with L @ R the best rank-`rank` approximation of scale·Z + identity·I."""
+        target = scale * torch.randn(width, width) / math.sqrt(width) + identity * torch.eye(width)
+        u, s, vh = torch.linalg.svd(target)
+        root = s[:rank].sqrt()
+        return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+    for head in range(attention.num_heads):
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        left, right = factors(qk[0], qk[1], head_dim)  # scores: x W_qᵀ (x W_kᵀ)ᵀ = x (W_qᵀ W_k) xᵀ
+        query[rows] = left.T
+        key[rows] = right
+    left, right = factors(vo[0], -vo[1], width)  # the value path: x W_vᵀ W_projᵀ
+    value.copy_(left.T)
+    attention.proj.weight.copy_(right.T)
+
+
+def sincos_position_grid(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (grid*grid, width), as "Better plain ViT baselines for
+    ImageNet-1k" (Beyer et al. 2022) uses: a quarter of the channels each for sin and cos of the column and of
+    the row, at frequencies 1/temperature^(k/(width/4 - 1)), so nearby patches get similar embeddings from the
+    first step, where learned ones start as noise."""
+    quarter = width // 4
+    frequencies = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                   indexing="ij")
+    angles_x = columns.flatten()[:, None] * frequencies[None]
+    angles_y = rows.flatten()[:, None] * frequencies[None]
+    return torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=1).float()
+
+
 def resize_position_grid(pos_embed: torch.Tensor, num_prefix_tokens: int, grid: int) -> torch.Tensor:
     """Position embeddings (1, prefix + g*g, D) for a grid x grid patch grid: the g x g patch rows resampled
     bilinearly (no antialias, as timm's loader of Google's checkpoints), the prefix (CLS) rows unchanged."""
@@ -277,6 +331,14 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
         raise UserError(f"{name}: hidden size {hidden_size} is not divisible by {heads} heads; change one of them")
     if config.classifier not in ("token", "gap"):
         raise UserError(f"{name}: classifier must be 'token' or 'gap', not {config.classifier!r}")
+    attention_init = config.get("attention_init", "xavier")
+    if attention_init not in ("xavier", "mimetic"):
+        raise UserError(f"{name}: attention_init must be 'xavier' or 'mimetic', not {attention_init!r}")
+    position_embedding = config.get("position_embedding", "learned")
+    if position_embedding not in ("learned", "sincos2d"):
+        raise UserError(f"{name}: position_embedding must be 'learned' or 'sincos2d', not {position_embedding!r}")
+    if position_embedding == "sincos2d" and hidden_size % 4:
+        raise UserError(f"{name}: sincos2d position embeddings need a hidden size divisible by 4, not {hidden_size}")
     rates = {f"model.transformer.{key}": config.transformer.get(key, 0.0)
              for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate")}
     rates["model.patch_dropout"] = config.get("patch_dropout", 0.0)
