@@ -3,6 +3,7 @@ does what it claims, is off by default, and survives an interrupted run bit for 
 import json
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -17,7 +18,7 @@ from vit_train.data import build_loaders, default_data_config
 from vit_train.errors import UserError
 from vit_train.models import create_model
 from vit_train.models.vit import DropPath, resize_position_grid
-from vit_train.train import (WeightEMA, budget_seconds, budget_steps, duration_line, format_duration, image_size_at,
+from vit_train.train import (BudgetPlan, WeightEMA, budget_seconds, budget_steps, duration_line, format_duration, image_size_at,
                              train)
 
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
@@ -260,6 +261,24 @@ def test_budget_steps_fit_training_evaluations_and_saves():
     cost = lambda n: n * 0.1 + (1 + n // 200) * 2.0 + 0.5
     assert cost(steps) <= 100.0 < cost(steps + 1)
     assert budget_steps(1.0, step_seconds=0.1, eval_seconds=2.0, save_seconds=0.5, eval_every=0, save_every=0) == 0
+    # after 150 steps the evaluation at step 200 still comes: it is counted, the one at 0 is not
+    later = budget_steps(10.0, step_seconds=0.1, eval_seconds=2.0, save_seconds=0.5, eval_every=200, save_every=0,
+                         done=150)
+    assert later == 55  # 55 steps to 205: 5.5 s + evaluations at 200 and the end, 4 s + the final save, 0.5 s
+
+
+def test_a_replan_scales_the_steps_still_to_come_by_how_much_slower_the_first_ran():
+    config = resolve_config({**TINY, "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.25,
+                             "eval_every": 0, "save_every": 0})
+    plan = BudgetPlan(budget=100.0, step_seconds={16: 0.05, 32: 0.2}, eval_seconds=1.0, save_seconds=0.5)
+    # 200 of 400 planned steps done (100 at 16 px, 100 at 32 px: 25 s calibrated) in 50 s: twice as slow
+    total, slowdown = plan.replan(config, step=200, total_steps=400, seconds_left=54.6, seconds_trained=50.0,
+                                  first_step=0)
+    assert slowdown == pytest.approx(2.0)
+    # 54.6 s less the 6 s reserve, the final evaluation and save: 47.1 s at 0.4 s a step (all at 32 px by now)
+    assert total == 200 + 117
+    assert plan.replan(config, 200, 400, 54.6, 25.0, 0) == (200 + 235, pytest.approx(1.0))
+    assert plan.replan(config, 200, 400, 1.0, 50.0, 0)[0] == 201  # out of time: one more step, then the end
 
 
 def test_durations_never_wrap_and_a_long_cpu_run_names_a_cpu_recipe():
@@ -271,7 +290,7 @@ def test_durations_never_wrap_and_a_long_cpu_run_names_a_cpu_recipe():
     assert "cifar10_cpu" not in duration_line(27 * 3600, torch.device("cuda"), steps=9700, steps_per_epoch=97)
 
 
-def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tmp_path):
+def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tmp_path, capsys):
     settings = {**TINY, "schedule.steps": None, "time_budget": "6s", "schedule.warmup_fraction": 0.1,
                 "eval_every": 0, "save_every": 50}
     settings.pop("schedule.steps")
@@ -280,8 +299,12 @@ def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tm
     final = train(config)
     planned = json.loads((tmp_path / "budget" / "config.json").read_text())["schedule"]
     assert final["step"] == planned["steps"] > 20
-    assert planned["warmup_steps"] == round(0.1 * planned["steps"])
     assert final["seconds"] <= 6.0 * 1.1  # within the budget, give or take a busy machine's jitter
+    replanned = re.search(r"re-planned at step (\d+): .* so (\d+) steps rather than (\d+)", capsys.readouterr().out)
+    first_plan = int(replanned[3])
+    assert int(replanned[1]) == round(0.2 * first_plan) and int(replanned[2]) == planned["steps"]
+    assert planned["warmup_steps"] == round(0.1 * first_plan)  # the warm-up was over before the re-plan
+    assert load_checkpoint(tmp_path / "budget")["config"]["schedule"]["steps"] == planned["steps"]
 
     # Resumed for more steps, it keeps the planned schedule's length unless told otherwise.
     resumed = resolve_config({"resume": str(tmp_path / "budget")})
@@ -289,8 +312,17 @@ def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tm
     with pytest.raises(UserError, match="keeps the steps its time budget planned"):
         resolve_config({"resume": str(tmp_path / "budget"), "time_budget": "1h"})
 
-    # The same planned steps without the budget give the same weights: timing the steps changed nothing.
-    again = run(tmp_path, "fixed", **{"schedule.steps": planned["steps"], "schedule.warmup_fraction": 0.1,
+
+
+def test_timing_the_steps_changes_nothing_in_the_run(tmp_path, monkeypatch):
+    """Without the re-plan, a budget run is exactly the --steps run of its planned length: the calibration's steps
+    are undone."""
+    monkeypatch.setattr(vit_train.train, "REPLAN_AT", 2.0)  # never comes
+    settings = {key: value for key, value in TINY.items() if key != "schedule.steps"}
+    settings.update({"time_budget": "4s", "schedule.warmup_fraction": 0.1, "eval_every": 0, "save_every": 50})
+    final = train(resolve_config({**settings, "output_dir": str(tmp_path), "name": "budget"}))
+    planned = json.loads((tmp_path / "budget" / "config.json").read_text())["schedule"]["steps"]
+    again = run(tmp_path, "fixed", **{"schedule.steps": planned, "schedule.warmup_fraction": 0.1,
                                       "eval_every": 0, "save_every": 50})
     assert again["eval_loss"] == final["eval_loss"]
     a, b = load_checkpoint(tmp_path / "budget")["model"], load_checkpoint(tmp_path / "fixed")["model"]

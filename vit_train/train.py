@@ -12,6 +12,7 @@ batch). A checkpoint holds all of them, so on the CPU a resumed run ends exactly
 """
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import io
@@ -204,15 +205,51 @@ def budget_seconds(text) -> float:
     return seconds
 
 
+# A budget run re-times its steps once, when this share of its planned steps is done (see BudgetPlan.replan).
+REPLAN_AT = 0.2
+
+
+@dataclasses.dataclass
+class BudgetPlan:
+    """What a --time-budget run measured: seconds per training step at each image side, per evaluation (raw and
+    EMA, and a new best.pt) and per checkpoint save; and what it keeps in reserve for the unforeseen."""
+    budget: float
+    step_seconds: dict
+    eval_seconds: float
+    save_seconds: float
+
+    def reserve(self, share) -> float:
+        return max(3.0, share * self.budget)
+
+    def calibrated_seconds(self, config, first, last, total_steps) -> float:
+        """Seconds that steps first..last-1 of a total_steps run take at the calibrated speeds."""
+        return sum(self.step_seconds[image_size_at(step, total_steps, config)] for step in range(first, last))
+
+    def replan(self, config, step, total_steps, seconds_left, seconds_trained, first_step) -> tuple:
+        """(the run's new length, how many times slower than calibrated its steps ran), once steps first_step..step-1 took seconds_trained of training and seconds_left
+        remain: the steps still to come are expected to run as much slower (or faster) than calibrated as
+        those did, and the schedule is re-fitted to what remains, less a 6% reserve.
+
+        The calibration times a few seconds of steps, and a shared machine's speed wanders by more than that
+        shows (on the 2-core CPU the recipes were measured on, 100-step windows ran between 0.8x and 1.2x their
+        mean, and the calibration missed the run's mean by up to 25%); a fifth of the run measures it well."""
+        slowdown = seconds_trained / self.calibrated_seconds(config, first_step, step, total_steps)
+        to_come = max(total_steps - step, 1)
+        step_seconds = slowdown * self.calibrated_seconds(config, step, step + to_come, total_steps) / to_come
+        more = budget_steps(seconds_left - self.reserve(0.06), step_seconds, self.eval_seconds, self.save_seconds,
+                            config.eval_every, config.save_every, done=step)
+        return step + max(more, 1), slowdown
+
+
 def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loaders, device, precision,
                     world_size) -> tuple:
-    """(steps, what was measured) for a --time-budget run: the number of steps that makes it end within its
-    budget, counted from `started`.
+    """(steps, what was measured, BudgetPlan) for a --time-budget run: the number of steps that makes it end
+    within its budget, counted from `started`.
 
     A few real training steps and test batches are timed, then undone (model, optimizer, loss scaler, EMA and
-    random generators restored), so the run that follows is exactly the run `--steps N` would give: the
-    calibration costs a few percent of the budget and changes nothing else. Every process plans alike: rank 0's
-    figure is used by all.
+    random generators restored), so the run starts exactly as the run `--steps N` would: the calibration costs a
+    few percent of the budget and changes nothing else. When a fifth of the steps are done, the run re-times them
+    and re-plans its length once (BudgetPlan.replan). Every process plans alike: rank 0's figures are used by all.
     """
     snapshot = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scaler": scaler.state_dict(), "rng": rng_state(device),
@@ -223,11 +260,15 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
     low_share = config.schedule.low_res_fraction if config.schedule.low_res_size else 0.0
-    step_seconds = 0.0
+    seconds_at = {}
     for size, share in ((config.schedule.low_res_size, low_share), (config.img_size, 1.0 - low_share)):
-        if share > 0:  # the mean step over the run: low- and full-resolution steps in their proportion
-            step_seconds += share * time_train_steps(lambda x, y: step_on(resize_images(x, size), y, None), batches,
-                                                     warmup=1, timed=timed)
+        if share > 0:
+            seconds_at[size] = time_train_steps(lambda x, y: step_on(resize_images(x, size), y, None), batches,
+                                                warmup=1, timed=timed)
+    seconds_at = all_ranks(seconds_at, world_size)[0]
+    # the mean step over the run: low- and full-resolution steps in their proportion
+    step_seconds = sum(seconds * (low_share if size != config.img_size else 1.0 - low_share)
+                       for size, seconds in seconds_at.items())
     eval_seconds = time_eval_batches(model, loaders.test, device, precision) * len(loaders.test)
     save_started = time.perf_counter()  # the optimizer now holds its moments, as in the run's checkpoints
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, io.BytesIO())
@@ -240,26 +281,24 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     if ema is not None:
         ema.model.load_state_dict(snapshot["ema"])
     set_rng_state(snapshot["rng"], device)
-    seconds_left = budget - (time.perf_counter() - started)
-    # Start-up of the loop, the final report, and the machine: on the 2-core CPU this was tuned on, steps under
-    # sustained load settled up to 17% slower than in the first minute, when the calibration times them.
-    seconds_left -= max(3.0, 0.15 * budget)
-    steps = budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, config.eval_every,
+    plan = BudgetPlan(budget, seconds_at, *all_ranks((eval_seconds, save_seconds), world_size)[0])
+    # Start-up of the loop, the final report, and the machine's changing speed until the re-plan (BudgetPlan.replan).
+    seconds_left = budget - (time.perf_counter() - started) - plan.reserve(0.15)
+    steps = budget_steps(seconds_left, step_seconds, plan.eval_seconds, plan.save_seconds, config.eval_every,
                          config.save_every)
-    steps = all_ranks(steps, world_size)[0]
     if steps < 1:
         raise UserError(f"the time budget {config.time_budget} leaves no time to train after start-up "
                         f"({time.perf_counter() - started:.0f} s) and one evaluation ({eval_seconds:.0f} s); give a "
                         "longer --time-budget")
-    return steps, f"measured: {step_seconds:.3f} s a step, {eval_seconds:.1f} s an evaluation"
+    return steps, f"measured: {step_seconds:.3f} s a step, {eval_seconds:.1f} s an evaluation", plan
 
 
-def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every) -> int:
-    """The most optimizer steps whose training, evaluations (every eval_every steps and at the end) and saves
-    (every save_every steps and at the end) fit in seconds_left."""
+def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every, done=0) -> int:
+    """The most optimizer steps after the first `done` whose training, evaluations (every eval_every steps and at
+    the end) and saves (every save_every steps and at the end) fit in seconds_left."""
     def cost(steps):
-        evals = 1 + (steps // eval_every if eval_every else 0)
-        saves = 1 + (steps // save_every if save_every else 0)
+        evals = 1 + ((done + steps) // eval_every - done // eval_every if eval_every else 0)
+        saves = 1 + ((done + steps) // save_every - done // save_every if save_every else 0)
         return steps * step_seconds + evals * eval_seconds + saves * save_seconds
 
     steps = max(int(seconds_left / step_seconds), 0)
@@ -320,6 +359,12 @@ class RunLog:
             self.bar.write(text)
         else:
             print(text, flush=True)
+
+    def replanned(self, total_steps, text):
+        self.total_steps = total_steps
+        if self.bar is not None:
+            self.bar.total = total_steps
+        self.print(text)
 
     def step(self):
         if self.bar is not None:
@@ -487,18 +532,20 @@ def train(config):
                 ema.update(model)
             return loss
 
-        calibration = ""
+        calibration, plan = "", None
         if config.time_budget and config.schedule.steps is None:  # a resumed budget run keeps its planned steps
-            config.schedule.steps, calibration = plan_budget_run(config, started, step_on, model, optimizer, scaler,
-                                                                 ema, loaders, device, precision, world_size)
+            config.schedule.steps, calibration, plan = plan_budget_run(
+                config, started, step_on, model, optimizer, scaler, ema, loaders, device, precision, world_size)
         if config.schedule.steps is None:
             config.schedule.steps = config.schedule.epochs * steps_per_epoch
         total_steps = config.schedule.steps
         if config.schedule.warmup_fraction is not None:
             config.schedule.warmup_steps = round(config.schedule.warmup_fraction * total_steps)
-        schedule = functools.partial(SCHEDULES[config.schedule.name], warmup_steps=config.schedule.warmup_steps,
-                                     total_steps=total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+        def lr_factor(total):
+            return functools.partial(SCHEDULES[config.schedule.name], warmup_steps=config.schedule.warmup_steps,
+                                     total_steps=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(total_steps))
         step, saved_step, best_accuracy, metrics = 0, 0, -1.0, {}
         if config.resume:
             checkpoint = load_checkpoint(config.resume)
@@ -527,11 +574,14 @@ def train(config):
             if is_main:
                 save_checkpoint(state, run_dir / filename)
 
+        def write_config():
+            write_atomically(run_dir / "config.json", lambda f: f.write((config.to_json(indent=2) + "\n").encode()))
+
         stops.plan = lambda: f"finishing step {step + 1}, then saving {run_dir / 'last.pt'}"
         log = None
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(run_dir / "config.json", lambda f: f.write((config.to_json(indent=2) + "\n").encode()))
+            write_config()
             log = RunLog(run_dir, config, step, total_steps)
             cleanup.callback(log.close)  # also when the run fails: flush TensorBoard, end the progress bar
             attention_samples = next(loaders.test.batches(0))[0][:4]  # TensorBoard shows their attention maps
@@ -558,6 +608,8 @@ def train(config):
         window, window_start = [], time.perf_counter()
         batches = train_batches(loaders.train, step)
         first_step, loop_started = step, time.perf_counter()
+        paused = 0.0  # seconds of evaluations and saves since loop_started
+        replan_at = max(round(REPLAN_AT * total_steps), first_step + 1) if plan else None
         while step < total_steps and not signum:
             images, targets = next(batches)
             images = resize_images(images, image_size_at(step, total_steps, config))
@@ -570,6 +622,19 @@ def train(config):
                     float(window[-1])  # wait for the device: the steps so far are done
                     per_step = (time.perf_counter() - loop_started) / ESTIMATE_AFTER_STEPS
                     log.print(duration_line(per_step * (total_steps - step), device, total_steps, steps_per_epoch))
+            if step == replan_at:
+                float(window[-1])  # wait for the device: the steps so far are done
+                now = time.perf_counter()
+                planned, (total_steps, slowdown) = total_steps, all_ranks(plan.replan(
+                    config, step, total_steps, plan.budget - (now - started), now - loop_started - paused,
+                    first_step), world_size)[0]
+                config.schedule.steps = total_steps  # what checkpoints, config.json and --resume see from now on
+                scheduler.lr_lambdas = [lr_factor(total_steps)] * len(scheduler.lr_lambdas)
+                if log:
+                    write_config()
+                    log.replanned(total_steps, f"re-planned at step {step}: steps took {slowdown:.2f}x the "
+                                  f"calibrated time, so {total_steps} steps rather than {planned} "
+                                  f"({total_steps / steps_per_epoch:.1f} epochs)")
             signum = agreed_signal(stops.received, world_size, device)
             at_eval = step == total_steps or (config.eval_every and step % config.eval_every == 0)
             at_save = step == total_steps or signum or (config.save_every and step % config.save_every == 0)
@@ -584,6 +649,7 @@ def train(config):
             images_per_sec = len(losses) * config.batch_size / (time.perf_counter() - window_start)
             if log:
                 log.train(step, train_loss, lr, images_per_sec, epoch=step / steps_per_epoch)
+            pause_started = time.perf_counter()
             if at_eval:
                 eval_loss, eval_accuracy = evaluate_model(eval_model, loaders.test, device, precision)
                 metrics = {"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy}
@@ -604,6 +670,7 @@ def train(config):
                     raise diverged(step, run_dir, saved_step)
                 save("last.pt")
                 saved_step = step
+            paused += time.perf_counter() - pause_started
             window, window_start = [], time.perf_counter()  # evaluation and saving do not count as training time
 
         final = {"step": step, "train_loss": train_loss, "eval_loss": metrics.get("eval_loss"),
