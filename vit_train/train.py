@@ -226,9 +226,10 @@ class BudgetPlan:
         return sum(self.step_seconds[image_size_at(step, total_steps, config)] for step in range(first, last))
 
     def replan(self, config, step, total_steps, seconds_left, seconds_trained, first_step) -> tuple:
-        """(the run's new length, how many times slower than calibrated its steps ran), once steps first_step..step-1 took seconds_trained of training and seconds_left
-        remain: the steps still to come are expected to run as much slower (or faster) than calibrated as
-        those did, and the schedule is re-fitted to what remains, less a 6% reserve.
+        """(the run's new length, how many times slower than calibrated its steps ran), once steps
+        first_step..step-1 took seconds_trained of training and seconds_left remain: the steps still to come are
+        expected to run as much slower (or faster) than calibrated as those did, and the schedule is re-fitted to
+        what remains, less a 6% reserve.
 
         The calibration times a few seconds of steps, and a shared machine's speed wanders by more than that
         shows (on the 2-core CPU the recipes were measured on, 100-step windows ran between 0.8x and 1.2x their
@@ -286,6 +287,7 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     seconds_left = budget - (time.perf_counter() - started) - plan.reserve(0.15)
     steps = budget_steps(seconds_left, step_seconds, plan.eval_seconds, plan.save_seconds, config.eval_every,
                          config.save_every)
+    steps = all_ranks(steps, world_size)[0]  # each process's clock started a little apart
     if steps < 1:
         raise UserError(f"the time budget {config.time_budget} leaves no time to train after start-up "
                         f"({time.perf_counter() - started:.0f} s) and one evaluation ({eval_seconds:.0f} s); give a "
@@ -625,16 +627,16 @@ def train(config):
             if step == replan_at:
                 float(window[-1])  # wait for the device: the steps so far are done
                 now = time.perf_counter()
-                planned, (total_steps, slowdown) = total_steps, all_ranks(plan.replan(
-                    config, step, total_steps, plan.budget - (now - started), now - loop_started - paused,
-                    first_step), world_size)[0]
-                config.schedule.steps = total_steps  # what checkpoints, config.json and --resume see from now on
+                replanned, slowdown = all_ranks(plan.replan(
+                    config, step, total_steps, seconds_left=plan.budget - (now - started),
+                    seconds_trained=now - loop_started - paused, first_step=first_step), world_size)[0]
+                text = (f"re-planned at step {step}: steps took {slowdown:.2f}x the calibrated time, so {replanned} "
+                        f"steps rather than {total_steps} ({replanned / steps_per_epoch:.1f} epochs)")
+                total_steps = config.schedule.steps = replanned  # what checkpoints, config.json, --resume see
                 scheduler.lr_lambdas = [lr_factor(total_steps)] * len(scheduler.lr_lambdas)
                 if log:
                     write_config()
-                    log.replanned(total_steps, f"re-planned at step {step}: steps took {slowdown:.2f}x the "
-                                  f"calibrated time, so {total_steps} steps rather than {planned} "
-                                  f"({total_steps / steps_per_epoch:.1f} epochs)")
+                    log.replanned(total_steps, text)
             signum = agreed_signal(stops.received, world_size, device)
             at_eval = step == total_steps or (config.eval_every and step % config.eval_every == 0)
             at_save = step == total_steps or signum or (config.save_every and step % config.save_every == 0)
