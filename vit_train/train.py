@@ -261,20 +261,20 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
     low_share = config.schedule.low_res_fraction if config.schedule.low_res_size else 0.0
+    shares = {size: share for size, share in ((config.schedule.low_res_size, low_share),
+                                               (config.img_size, 1.0 - low_share)) if share > 0}
     seconds_at = {}
-    for size, share in ((config.schedule.low_res_size, low_share), (config.img_size, 1.0 - low_share)):
-        if share > 0:
-            seconds_at[size] = time_train_steps(lambda x, y: step_on(resize_images(x, size), y, None), batches,
-                                                warmup=1, timed=timed)
-    seconds_at = all_ranks(seconds_at, world_size)[0]
-    # the mean step over the run: low- and full-resolution steps in their proportion
-    step_seconds = sum(seconds * (low_share if size != config.img_size else 1.0 - low_share)
-                       for size, seconds in seconds_at.items())
+    for size in shares:
+        seconds_at[size] = time_train_steps(lambda x, y: step_on(resize_images(x, size), y, None), batches,
+                                            warmup=1, timed=timed)
     eval_seconds = time_eval_batches(model, loaders.test, device, precision) * len(loaders.test)
     save_started = time.perf_counter()  # the optimizer now holds its moments, as in the run's checkpoints
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, io.BytesIO())
     save_seconds = 2 * (time.perf_counter() - save_started)  # serialising, and as long again for the disk
     eval_seconds = (2 if ema is not None else 1) * eval_seconds + save_seconds  # raw and EMA; a new best.pt
+    plan = BudgetPlan(budget, *all_ranks((seconds_at, eval_seconds, save_seconds), world_size)[0])
+    # the mean step over the run: low- and full-resolution steps in their proportion
+    step_seconds = sum(share * plan.step_seconds[size] for size, share in shares.items())
 
     model.load_state_dict(snapshot["model"])
     optimizer.load_state_dict(snapshot["optimizer"])
@@ -282,7 +282,6 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     if ema is not None:
         ema.model.load_state_dict(snapshot["ema"])
     set_rng_state(snapshot["rng"], device)
-    plan = BudgetPlan(budget, seconds_at, *all_ranks((eval_seconds, save_seconds), world_size)[0])
     # Start-up of the loop, the final report, and the machine's changing speed until the re-plan (BudgetPlan.replan).
     seconds_left = budget - (time.perf_counter() - started) - plan.reserve(0.15)
     steps = budget_steps(seconds_left, step_seconds, plan.eval_seconds, plan.save_seconds, config.eval_every,
@@ -290,9 +289,9 @@ def plan_budget_run(config, started, step_on, model, optimizer, scaler, ema, loa
     steps = all_ranks(steps, world_size)[0]  # each process's clock started a little apart
     if steps < 1:
         raise UserError(f"the time budget {config.time_budget} leaves no time to train after start-up "
-                        f"({time.perf_counter() - started:.0f} s) and one evaluation ({eval_seconds:.0f} s); give a "
-                        "longer --time-budget")
-    return steps, f"measured: {step_seconds:.3f} s a step, {eval_seconds:.1f} s an evaluation", plan
+                        f"({time.perf_counter() - started:.0f} s) and one evaluation ({plan.eval_seconds:.0f} s); "
+                        "give a longer --time-budget")
+    return steps, f"measured: {step_seconds:.3f} s a step, {plan.eval_seconds:.1f} s an evaluation", plan
 
 
 def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every, done=0) -> int:
