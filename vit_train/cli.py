@@ -109,7 +109,8 @@ def train_parser():
     length.add_argument("--time-budget", dest="time_budget", default=None, metavar="DURATION",
                         help="train for as many steps as fit in this time, e.g. 90s, 10m, 2h: a few steps are timed, "
                              "then the whole schedule (warm-up, decay to zero, evaluations) is planned to end within "
-                             "it; --resume keeps the planned steps (default: none)")
+                             "it, and re-planned once after a fifth of the steps from their real time; --resume "
+                             "keeps the planned steps (default: none)")
     flag("--warmup-steps", "schedule.warmup_steps", "linear warm-up steps before the cosine decay", type=int,
          metavar="N")
     flag("--eval-every", "eval_every", "steps between evaluations, 0 for only at the end", type=int, metavar="N")
