@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import vit_train.budget
 import vit_train.train
 from vit_train.checkpoint import load_checkpoint
 from vit_train.cli import eval_main
@@ -18,8 +19,10 @@ from vit_train.data import build_loaders, default_data_config
 from vit_train.errors import UserError
 from vit_train.models import create_model
 from vit_train.models.vit import DropPath, resize_position_grid
-from vit_train.train import (BudgetPlan, WeightEMA, budget_seconds, budget_steps, duration_line, format_duration, image_size_at,
-                             train)
+from vit_train.budget import Calibration, budget_seconds, budget_steps
+from vit_train.optim import Plan, WeightEMA
+from vit_train.report import duration_line, format_duration
+from vit_train.train import train
 
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
         "data.auto_augment": "none", "data.random_erasing": 0.0, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
@@ -161,7 +164,8 @@ def test_a_model_takes_images_of_a_lower_resolution_with_its_position_grid_resiz
 
 def test_the_low_resolution_share_comes_first():
     config = resolve_config({**TINY, "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.25})
-    sizes = [image_size_at(step, 40, config) for step in range(40)]
+    plan = Plan.from_config(config, steps_per_epoch=16, total_steps=40)
+    sizes = [plan.image_size(step) for step in range(40)]
     assert sizes == [16] * 10 + [32] * 30
     with pytest.raises(UserError, match="does not divide the image size 14"):
         resolve_config({**TINY, "schedule.low_res_size": 14})  # 4-px patches
@@ -196,8 +200,9 @@ def test_ema_is_evaluated_saved_and_used_by_vit_eval(tmp_path, capsys):
     checkpoint = load_checkpoint(tmp_path / "ema")
     raw, averaged = checkpoint["model"], checkpoint["ema"]
     assert raw.keys() == averaged.keys() and not all(torch.equal(raw[k], averaged[k]) for k in raw)
-    best = max(max(r["eval_accuracy"], r["eval_ema_accuracy"]) for r in records)
-    assert final["best_accuracy"] == best  # best.pt is chosen on the better of the two
+    best = max(r["eval_ema_accuracy"] for r in records)
+    assert final["best_accuracy"] == best  # best.pt is chosen on the EMA's accuracy, the weights vit-eval uses
+    assert load_checkpoint(tmp_path / "ema" / "best.pt")["metrics"]["eval_ema_accuracy"] == best
 
     capsys.readouterr()
     assert eval_main(["--checkpoint", str(tmp_path / "ema"), "--device", "cpu"]) == 0
@@ -270,15 +275,32 @@ def test_budget_steps_fit_training_evaluations_and_saves():
 def test_a_replan_scales_the_steps_still_to_come_by_how_much_slower_the_first_ran():
     config = resolve_config({**TINY, "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.25,
                              "eval_every": 0, "save_every": 0})
-    plan = BudgetPlan(budget=100.0, step_seconds={16: 0.05, 32: 0.2}, eval_seconds=1.0, save_seconds=0.5)
+    plan = Plan.from_config(config, steps_per_epoch=16, total_steps=400)
+    calibration = Calibration(budget=100.0, step_seconds={16: 0.05, 32: 0.2}, eval_seconds=1.0, save_seconds=0.5)
+
+    def replan(seconds_left, seconds_trained):
+        return calibration.replan(plan, step=200, seconds_left=seconds_left, seconds_trained=seconds_trained,
+                                  first_step=0, eval_every=0, save_every=0)
     # 200 of 400 planned steps done (100 at 16 px, 100 at 32 px: 25 s calibrated) in 50 s: twice as slow
-    total, slowdown = plan.replan(config, step=200, total_steps=400, seconds_left=54.6, seconds_trained=50.0,
-                                  first_step=0)
+    new, slowdown = replan(54.6, 50.0)
     assert slowdown == pytest.approx(2.0)
     # 54.6 s less the 6 s reserve, the final evaluation and save: 47.1 s at 0.4 s a step (all at 32 px by now)
-    assert total == 200 + 117
-    assert plan.replan(config, 200, 400, 54.6, 25.0, 0) == (200 + 235, pytest.approx(1.0))
-    assert plan.replan(config, 200, 400, 1.0, 50.0, 0)[0] == 201  # out of time: one more step, then the end
+    assert new.total_steps == 200 + 117
+    assert (new.low_res_steps, new.warmup_steps) == (plan.low_res_steps, plan.warmup_steps)  # already committed
+    assert replan(54.6, 25.0)[0].total_steps == 200 + 235 and replan(54.6, 25.0)[1] == pytest.approx(1.0)
+    assert replan(1.0, 50.0)[0].total_steps == 201  # out of time: one more step, then the end
+
+
+def test_a_new_length_keeps_the_boundaries_it_reaches_and_moves_only_those_it_no_longer_does():
+    plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=300, img_size=32, low_res_size=16, low_res_steps=500)
+    longer = plan.lengthened(1400, step=200)  # inside the warm-up: a longer run keeps both boundaries
+    assert (longer.total_steps, longer.warmup_steps, longer.low_res_steps) == (1400, 300, 500)
+    shorter = plan.lengthened(800, step=200)  # both boundaries still inside the new length
+    assert (shorter.warmup_steps, shorter.low_res_steps) == (300, 500)
+    much_shorter = plan.lengthened(400, step=350)  # the warm-up is over; the low-res phase keeps its half
+    assert (much_shorter.warmup_steps, much_shorter.low_res_steps) == (300, 350)
+    assert [longer.image_size(s) for s in (499, 500, 1399)] == [16, 32, 32]  # never back to low resolution
+    assert plan.lengthened(5000, step=600).low_res_steps == 500
 
 
 def test_durations_never_wrap_and_a_long_cpu_run_names_a_cpu_recipe():
@@ -317,7 +339,7 @@ def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tm
 def test_timing_the_steps_changes_nothing_in_the_run(tmp_path, monkeypatch):
     """Without the re-plan, a budget run is exactly the --steps run of its planned length: the calibration's steps
     are undone."""
-    monkeypatch.setattr(vit_train.train, "REPLAN_AT", 2.0)  # never comes
+    monkeypatch.setattr(vit_train.budget, "REPLAN_AT", 2.0)  # never comes
     settings = {key: value for key, value in TINY.items() if key != "schedule.steps"}
     settings.update({"time_budget": "4s", "schedule.warmup_fraction": 0.1, "eval_every": 0, "save_every": 50})
     final = train(resolve_config({**settings, "output_dir": str(tmp_path), "name": "budget"}))

@@ -1,17 +1,8 @@
 """Checkpoints: one file holds all a run needs to continue exactly, and loading it can never run code.
 
 A checkpoint is a dict of tensors and plain Python values, saved with `torch.save` and read back with
-`torch.load(weights_only=True)`, which refuses anything else. It holds:
-
-    model           the unwrapped model's state dict (no 'module.' or '_orig_mod.' prefixes)
-    optimizer, scheduler, scaler     their state dicts (scaler: {} when fp16 loss scaling is off)
-    step, epoch, batch_in_epoch      optimizer steps done; where in the data order the next step starts
-    rng             one dict per process (rank): the torch, CUDA, numpy and python generator states
-    config          the resolved config as a plain dict
-    class_names     the dataset's class names, in label order
-    metrics         the last evaluation: {step, eval_loss, eval_accuracy}, or {} before the first
-    best_accuracy   the best eval accuracy so far, of the raw or the EMA weights (-1.0 before the first evaluation)
-    ema             the EMA of the weights (optim.ema_decay), a state dict like model's; None without one
+`torch.load(weights_only=True)`, which refuses anything else. What it holds is the run state's state_dict(): its
+layout is in vit_train/state.py, the one place that writes and reads it for training.
 
 Writes are atomic (temporary file, fsync, rename), so a crash mid-save leaves the previous file intact.
 """
@@ -30,7 +21,7 @@ import torch
 
 from vit_train.errors import UserError, first_line
 
-REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "config")
+REQUIRED_KEYS = ("model", "optimizer", "step", "config")
 ZIP_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter")
 
 
@@ -117,7 +108,7 @@ def load_checkpoint(path) -> dict:
 def rng_state(device: torch.device) -> dict:
     """Every random generator this process draws from, in types `torch.load(weights_only=True)` accepts.
 
-    The data order needs none: it is a pure function of (seed, epoch, batch), saved as step/epoch/batch_in_epoch.
+    The data order needs none: it is a pure function of (seed, epoch, batch), and the step is saved.
     """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()

@@ -19,6 +19,7 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
+from vit_train.budget import budget_seconds
 from vit_train.checkpoint import checkpoint_path, folder_write_error, load_checkpoint
 from vit_train.data import check_data_config, default_data_config
 from vit_train.errors import UserError, first_line
@@ -26,7 +27,8 @@ from vit_train.hub import check_weights_source
 from vit_train.models import apply_overrides, get_config
 from vit_train.models.vit import check_config as check_model_config
 from vit_train.runtime import PRECISIONS, resolve_device
-from vit_train.train import OPTIMIZERS, SCHEDULES, budget_seconds, flatten
+from vit_train.optim import OPTIMIZERS, SCHEDULES
+from vit_train.report import flatten
 
 # The recipes: configs/ at the top of a source checkout, which a wheel installs as vit_train/configs/ (pyproject.toml).
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,9 +40,12 @@ DEFAULT_RECIPES = {False: CONFIGS_DIR / "cifar10_scratch.py", True: CONFIGS_DIR 
 # regularisation (dropout_rate, attention_dropout_rate, drop_path_rate, patch_dropout), which shape no weight.
 FIXED_ON_RESUME = ("model_name", "img_size", "data.name")
 REGULARISATION_SUFFIXES = ("_rate", "dropout")
-# Keys that give the same thing two ways: setting one clears the others, so the one given last counts.
+# Keys that give the same thing two ways: setting one clears the others (to the value here, or None), so the one
+# given last counts.
 ALTERNATIVE_KEYS = [("schedule.steps", "schedule.epochs", "time_budget"),
-                    ("schedule.warmup_steps", "schedule.warmup_fraction")]
+                    ("schedule.warmup_steps", "schedule.warmup_fraction"),
+                    ("schedule.low_res_steps", "schedule.low_res_fraction")]
+CLEARED = {"schedule.warmup_steps": 0, "schedule.low_res_fraction": 0.0}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         "warmup_fraction": config_dict.placeholder(float),  # instead of warmup_steps: this fraction of the run
         "low_res_size": 0,                               # > 0: train at this image side first (then img_size)
         "low_res_fraction": 0.0,                         # the fraction of the steps trained at low_res_size
+        "low_res_steps": config_dict.placeholder(int),   # instead of low_res_fraction: this many first steps
         "steps": config_dict.placeholder(int),           # optimizer steps; set this or epochs
         "epochs": config_dict.placeholder(int),          # converted to steps once the dataset size is known
     })
@@ -142,7 +148,7 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
         for alternatives in ALTERNATIVE_KEYS:
             if key in alternatives:
                 for other in alternatives:
-                    set_key(config, other, 0 if other == "schedule.warmup_steps" else None)
+                    set_key(config, other, CLEARED.get(other))
         if not key.startswith("model."):
             set_key(config, key, value)
     # A recipe may give its own model config (a named model with changes); --model naming another model replaces it.
@@ -251,6 +257,10 @@ def validate(config):
         check_model_config(config.model, schedule.low_res_size)
     require(0 <= schedule.low_res_fraction <= 1,
             f"schedule.low_res_fraction must be in [0, 1], got {schedule.low_res_fraction}")
+    require(schedule.low_res_steps is None or schedule.low_res_steps >= 0,
+            f"schedule.low_res_steps must be >= 0, got {schedule.low_res_steps}")
+    require(schedule.low_res_steps is None or schedule.steps is not None or config.time_budget is None,
+            "a --time-budget run plans its own length: give schedule.low_res_fraction, not schedule.low_res_steps")
     for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.warmup_fraction": schedule.warmup_fraction}.items():
         require(value is None or 0 <= value < 1, f"{what} must be in [0, 1), got {value}")
     require(optim.name in OPTIMIZERS, f"unknown optimizer {optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,150 @@
+"""The run state: what a run carries across an interruption. A budget run re-planned, stopped and resumed ends
+bit for bit where the uninterrupted run does, with the plan it committed to; the config handed to train() is
+never changed; checkpoints written before the run state existed still resume and evaluate."""
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import vit_train.train
+from vit_train.checkpoint import load_checkpoint
+from vit_train.cli import eval_main
+from vit_train.config import resolve_config
+from vit_train.optim import warmup_cosine
+from vit_train.train import train
+
+TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
+        "data.auto_augment": "none", "data.random_erasing": 0.0, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
+        "data.synthetic_test_size": 128, "batch_size": 32, "optim.lr": 3e-3, "eval_every": 0, "save_every": 0,
+        "log_every": 5, "quiet": True}
+# A budget run whose re-plan comes inside its warm-up (30% of the run; the re-plan is at 20%) and before the end
+# of its low-resolution half.
+BUDGET = {**TINY, "time_budget": "100s", "schedule.warmup_fraction": 0.3, "schedule.low_res_size": 16,
+          "schedule.low_res_fraction": 0.5, "optim.ema_decay": 0.9}
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class SimulatedClock:
+    """A clock that advances one second each time it is read: the budget's calibration and re-plan then see the
+    same 'durations' in every run, so two runs of one config plan the same steps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+def plan_of(run_dir):
+    """(total, warm-up, low-resolution steps) as config.json and last.pt record them."""
+    recorded = [json.loads((run_dir / "config.json").read_text())["schedule"],
+                load_checkpoint(run_dir / "last.pt")["config"]["schedule"]]
+    plans = {(s["steps"], s["warmup_steps"], s["low_res_steps"]) for s in recorded}
+    assert len(plans) == 1, plans
+    return plans.pop()
+
+
+def test_a_replanned_budget_run_stopped_and_resumed_ends_as_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    straight = train(resolve_config({**BUDGET, "output_dir": str(tmp_path), "name": "straight"}),
+                     clock=SimulatedClock())
+    said = capsys.readouterr().out
+    first_total = int(re.search(r"time budget 100s: (\d+) steps", said)[1])
+    replanned_at, total = map(int, re.search(r"re-planned at step (\d+): .* so (\d+) steps rather", said).groups())
+    assert total != first_total and replanned_at < round(0.3 * first_total)  # re-planned inside the warm-up
+    # the plan as first made, in absolute steps; the re-plan changed the length only
+    assert plan_of(tmp_path / "straight") == (total, round(0.3 * first_total), round(0.5 * first_total))
+
+    real_replan = vit_train.train.replan
+
+    def replan_then_sigterm(*args, **kwargs):
+        real_replan(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the step after the re-plan finishes, is saved, the run returns
+
+    monkeypatch.setattr(vit_train.train, "replan", replan_then_sigterm)
+    config = resolve_config({**BUDGET, "output_dir": str(tmp_path), "name": "stopped"})
+    stopped = train(config, clock=SimulatedClock())
+    monkeypatch.undo()
+    assert stopped["stopped_by"] == signal.SIGTERM and stopped["step"] == replanned_at
+    run_dir = tmp_path / "stopped"
+    assert plan_of(run_dir) == plan_of(tmp_path / "straight")
+    assert config.schedule.steps is None and config.schedule.warmup_fraction == 0.3  # train() changed nothing
+
+    resumed = train(resolve_config({"resume": str(run_dir)}))  # the real clock: a resumed run does not re-plan
+    assert resumed["step"] == total and plan_of(run_dir) == plan_of(tmp_path / "straight")
+    assert resumed["eval_loss"] == straight["eval_loss"]
+    assert resumed["eval_ema_accuracy"] == straight["eval_ema_accuracy"]
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(run_dir)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_a_resumed_run_given_a_new_length_keeps_its_boundaries_and_follows_the_new_schedule_at_once(tmp_path,
+                                                                                                  monkeypatch):
+    settings = {**TINY, "schedule.steps": 40, "schedule.warmup_fraction": 0.25, "save_every": 10,
+                "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.5, "output_dir": str(tmp_path)}
+    train(resolve_config({**settings, "name": "short"}))
+    assert plan_of(tmp_path / "short") == (40, 10, 20)
+    shutil.rmtree(tmp_path / "short")
+    train(resolve_config({**settings, "schedule.steps": 20, "name": "short"}))  # the same first 20 steps, saved
+    assert plan_of(tmp_path / "short") == (20, 5, 10)  # its own plan: a 20-step run
+
+    longer = resolve_config({"resume": str(tmp_path / "short"), "schedule.steps": 30})
+    assert (longer.schedule.warmup_steps, longer.schedule.low_res_steps) == (5, 10)  # the boundaries it committed to
+    lrs = []
+    real_step = vit_train.train.train_step
+
+    def recording_step(model, optimizer, *args):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return real_step(model, optimizer, *args)
+
+    monkeypatch.setattr(vit_train.train, "train_step", recording_step)
+    train(longer)
+    assert plan_of(tmp_path / "short") == (30, 5, 10)
+    # step 20 of the 30-step cosine after a 5-step warm-up, not the 20-step run's last learning rate
+    assert lrs[0] == pytest.approx(3e-3 * warmup_cosine(20, 5, 30)) and len(lrs) == 10
+
+
+def test_a_checkpoint_written_before_the_run_state_resumes_exactly_and_evaluates(tmp_path, capsys):
+    """tests/fixtures/round2_step3.pt: step 3 of a 6-step run (EMA, warm-up fraction, progressive resizing),
+    written by the code before this layout (scheduler, epoch, batch_in_epoch keys; -1.0 for no best)."""
+    old = load_checkpoint(FIXTURES / "round2_step3.pt")
+    assert {"scheduler", "epoch", "batch_in_epoch"} <= old.keys() and "low_res_steps" not in old["config"]["schedule"]
+    run_dir = tmp_path / "round2"
+    run_dir.mkdir()
+    shutil.copy(FIXTURES / "round2_step3.pt", run_dir / "last.pt")
+    resumed = train(resolve_config({"resume": str(run_dir)}))
+
+    saved = copy.deepcopy(old["config"])  # the same run from its start, by today's code
+    settings = {"model_name": "testing", "data.name": "synthetic", "batch_size": 16, "optim.lr": 3e-3,
+                "output_dir": str(tmp_path), "name": "today", "quiet": True}
+    for key in ("synthetic_train_size", "synthetic_test_size", "auto_augment", "random_erasing", "mixup_alpha",
+                "cutmix_alpha"):
+        settings[f"data.{key}"] = saved["data"][key]
+    for key in ("warmup_fraction", "low_res_size", "low_res_fraction"):
+        settings[f"schedule.{key}"] = saved["schedule"][key]
+    settings.update({"schedule.steps": 6, "optim.ema_decay": 0.9, "eval_every": 3, "save_every": 3})
+    today = train(resolve_config(settings))
+    assert resumed["step"] == today["step"] == 6
+    assert (resumed["eval_loss"], resumed["eval_ema_accuracy"]) == (today["eval_loss"], today["eval_ema_accuracy"])
+    a, b = load_checkpoint(run_dir), load_checkpoint(tmp_path / "today")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+    capsys.readouterr()
+    shutil.copy(FIXTURES / "round2_step3.pt", tmp_path / "old.pt")
+    assert eval_main(["--checkpoint", str(tmp_path / "old.pt"), "--device", "cpu"]) == 0
+    assert "accuracy" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""--time-budget: parse a duration, calibrate (time a few real steps, an evaluation and a save), plan the run's
+length, and re-plan it once from how long a fifth of the run really took.
+
+A plan is an optim.Plan, in absolute steps and fixed when made; the re-plan changes the length only (see
+Plan.lengthened), and what it fixes is what config.json, checkpoints and --resume read back.
+"""
+import copy
+import dataclasses
+import io
+import math
+
+import torch
+
+from vit_train.errors import UserError
+from vit_train.evaluate import eval_logits
+from vit_train.optim import Plan
+from vit_train.runtime import all_ranks
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A budget run re-times its steps once, when this share of its planned steps is done (see Calibration.replan).
+REPLAN_AT = 0.2
+
+
+def budget_seconds(text) -> float:
+    """'90s', '10m', '2h', '1.5h' or a bare number of seconds -> seconds."""
+    text = str(text).strip().lower()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"--time-budget takes a duration such as 90s, 10m or 2h, not {text!r}")
+    return seconds
+
+
+def time_train_steps(step_fn, batches, warmup: int, timed: int, clock) -> float:
+    """Mean seconds of `timed` steps, the batch's gathering and augmentation included, after `warmup` untimed
+    ones (first steps allocate and warm caches). The mean, not the median: the run's length is a sum."""
+    for _ in range(warmup):
+        float(step_fn(*next(batches)))
+    started = clock()
+    for _ in range(timed):
+        loss = step_fn(*next(batches))
+    float(loss)  # wait for the device
+    return (clock() - started) / timed
+
+
+def time_eval_batches(model, test_loader, device, precision, clock, batches: int = 2) -> float:
+    """Seconds per test batch of a full evaluation pass, from its first `batches` batches."""
+    evaluated = eval_logits(model, test_loader, device, precision)
+    started = clock()
+    next(evaluated)[0].sum().item()  # the first batch, warming up; timed only when it is the only one
+    first_seconds, count = clock() - started, 0
+    started = clock()
+    for logits, _ in evaluated:
+        logits.sum().item()
+        count += 1
+        if count == batches:
+            break
+    evaluated.close()
+    return (clock() - started) / count if count else first_seconds
+
+
+def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every, done=0) -> int:
+    """The most optimizer steps after the first `done` whose training, evaluations (every eval_every steps and at
+    the end) and saves (every save_every steps and at the end) fit in seconds_left."""
+    def cost(steps):
+        evals = 1 + ((done + steps) // eval_every - done // eval_every if eval_every else 0)
+        saves = 1 + ((done + steps) // save_every - done // save_every if save_every else 0)
+        return steps * step_seconds + evals * eval_seconds + saves * save_seconds
+
+    steps = max(int(seconds_left / step_seconds), 0)
+    while steps > 0 and cost(steps) > seconds_left:
+        steps -= max(1, int((cost(steps) - seconds_left) / (step_seconds * 2)))
+    return max(steps, 0)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What a --time-budget run measured: seconds per training step at each image side, per evaluation (raw and
+    EMA, and a new best.pt) and per checkpoint save; and what it keeps in reserve for the unforeseen."""
+    budget: float
+    step_seconds: dict
+    eval_seconds: float
+    save_seconds: float
+
+    def reserve(self, share) -> float:
+        return max(3.0, share * self.budget)
+
+    def calibrated_seconds(self, plan, first, last) -> float:
+        """Seconds that steps first..last-1 of `plan` take at the calibrated speeds."""
+        low = max(0, min(last, plan.low_res_steps) - first)
+        high = last - first - low
+        return low * self.step_seconds.get(plan.low_res_size, 0.0) + high * self.step_seconds[plan.img_size]
+
+    def replan(self, plan, step, seconds_left, seconds_trained, first_step, eval_every, save_every) -> tuple:
+        """(the plan with its new length, how many times slower than calibrated its steps ran), once steps
+        first_step..step-1 took seconds_trained of training and seconds_left remain: the steps still to come are
+        expected to run as much slower (or faster) than calibrated as those did, and the length is re-fitted to
+        what remains, less a 6% reserve.
+
+        The calibration times a few seconds of steps, and a shared machine's speed wanders by more than that
+        shows (on the 2-core CPU the recipes were measured on, 100-step windows ran between 0.8x and 1.2x their
+        mean, and the calibration missed the run's mean by up to 25%); a fifth of the run measures it well."""
+        slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
+        to_come = max(plan.total_steps - step, 1)
+        step_seconds = slowdown * self.calibrated_seconds(plan, step, step + to_come) / to_come
+        more = budget_steps(seconds_left - self.reserve(0.06), step_seconds, self.eval_seconds, self.save_seconds,
+                            eval_every, save_every, done=step)
+        return plan.lengthened(step + max(more, 1), step), slowdown
+
+
+def calibrate(config, state, step_fn, batches, test_loader, precision, started, clock) -> tuple:
+    """(the run's Plan, the Calibration, what was measured in words) for a --time-budget run: the number of steps
+    that makes it end within its budget, counted from `started`.
+
+    A few real training steps and test batches are timed, then undone (the run state restored: weights,
+    optimizer, loss scaler, EMA and random generators), so the run starts exactly as the run `--steps N` would:
+    the calibration costs a few percent of the budget and changes nothing else. Every process plans alike: rank
+    0's figures are used by all.
+    """
+    snapshot = copy.deepcopy(state.state_dict())
+    budget, world_size = budget_seconds(config.time_budget), state.world_size
+    first = time_train_steps(step_fn, batches, warmup=1, timed=1, clock=clock)
+    first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
+    timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
+    # The sides the run trains at, in the proportion its plan gives them (any length will do for the shares).
+    shares = Plan.from_config(config, steps_per_epoch=1, total_steps=1000).image_sizes()
+    seconds_at = {}
+    for size in shares:
+        seconds_at[size] = time_train_steps(lambda x, y: step_fn(x, y, size), batches, warmup=1, timed=timed,
+                                            clock=clock)
+    eval_seconds = time_eval_batches(state.model, test_loader, state.device, precision, clock) * len(test_loader)
+    save_started = clock()  # the optimizer now holds its moments, as in the run's checkpoints
+    torch.save(state.state_dict(), io.BytesIO())
+    save_seconds = 2 * (clock() - save_started)  # serialising, and as long again for the disk
+    eval_seconds = (2 if state.ema is not None else 1) * eval_seconds + save_seconds  # raw and EMA; a new best.pt
+    calibration = Calibration(budget, *all_ranks((seconds_at, eval_seconds, save_seconds), world_size)[0])
+    state.load_state_dict(snapshot)
+
+    # the mean step over the run: low- and full-resolution steps in their proportion
+    step_seconds = sum(share * calibration.step_seconds[size] for size, share in shares.items())
+    # Start-up of the loop, the final report, and the machine's changing speed until the re-plan.
+    seconds_left = budget - (clock() - started) - calibration.reserve(0.15)
+    steps = budget_steps(seconds_left, step_seconds, calibration.eval_seconds, calibration.save_seconds,
+                         config.eval_every, config.save_every)
+    steps = all_ranks(steps, world_size)[0]  # each process's clock started a little apart
+    if steps < 1:
+        raise UserError(f"the time budget {config.time_budget} leaves no time to train after start-up "
+                        f"({clock() - started:.0f} s) and one evaluation ({calibration.eval_seconds:.0f} s); "
+                        "give a longer --time-budget")
+    measured = f"measured: {step_seconds:.3f} s a step, {calibration.eval_seconds:.1f} s an evaluation"
+    return Plan.from_config(config, state.steps_per_epoch, total_steps=steps), calibration, measured

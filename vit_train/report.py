@@ -1,0 +1,151 @@
+"""What a run reports, on rank 0: the start-up lines, a progress bar (plain lines when stderr is not a terminal,
+or with --quiet), TensorBoard scalars, metrics.jsonl (one JSON object per evaluation), the expected duration and
+the time budget's plan, and the summary line. Durations and clock times for people live here too."""
+import datetime
+import json
+import sys
+import time
+
+from tqdm import tqdm
+
+from vit_train.checkpoint import write_atomically
+from vit_train.runtime import slow_precision_warning
+
+# Steps after which a run without a time budget states how long it will take.
+ESTIMATE_AFTER_STEPS = 5
+# A run longer than this on a CPU gets a pointer to a recipe sized for CPUs.
+LONG_CPU_RUN_SECONDS = 2 * 3600
+
+
+def format_duration(seconds) -> str:
+    """3725 -> '1:02:05', 95000 -> '1 day 2:23:20': days never wrap into hours."""
+    days, rest = divmod(int(round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days} day{'s' if days > 1 else ''} {clock}" if days else clock
+
+
+def end_time(seconds_from_now) -> str:
+    at = datetime.datetime.now() + datetime.timedelta(seconds=seconds_from_now)
+    return at.strftime("%H:%M" if seconds_from_now < 20 * 3600 else "%a %d %b %H:%M")
+
+
+def duration_line(seconds, device, steps, steps_per_epoch) -> str:
+    line = (f"expected duration: {format_duration(seconds)} for {steps} steps ({steps / steps_per_epoch:.1f} epochs),"
+            f" ending about {end_time(seconds)}")
+    if device.type == "cpu" and seconds > LONG_CPU_RUN_SECONDS:
+        line += ("; this is a GPU-sized run. On a CPU, `vit-train --config cifar10_cpu --time-budget 10m` trains "
+                 "the best ViT the machine can in 10 minutes")
+    return line
+
+
+def summary(final, total_steps, with_ema):
+    def number(value, spec):
+        return "n/a" if value is None else format(value, spec)
+    best = "best EMA" if with_ema else "best"
+    ema = f"  EMA accuracy {number(final['eval_ema_accuracy'], '.4f')}" if with_ema else ""
+    return (f"done: step {final['step']}/{total_steps}  eval accuracy {number(final['eval_accuracy'], '.4f')}{ema} "
+            f"({best} {number(final['best_accuracy'], '.4f')})  eval loss {number(final['eval_loss'], '.4f')}  "
+            f"train loss {number(final['train_loss'], '.4f')}  {number(final['images_per_sec'], '.0f')} img/s  "
+            f"in {format_duration(final['seconds'])}  run dir {final['run_dir']}")
+
+
+def flatten(config, prefix=""):
+    """{"optim.lr": 0.001, ...} from a nested config."""
+    flat = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+class RunLog:
+    """Rank 0's reports for the run in `run_dir`, from `start_step` (a resumed run's) on."""
+
+    def __init__(self, run_dir, quiet, start_step, total_steps):
+        from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
+
+        # A resumed run repeats the steps after its checkpoint: drop what the interrupted run logged for them.
+        self.writer = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if self.metrics_path.exists():
+            records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+            kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step)
+            write_atomically(self.metrics_path, lambda f: f.write(kept.encode()))
+        self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
+        use_bar = not quiet and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
+
+    def print(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def start(self, config, state, precision, calibration=None, seconds_left=None):
+        """The run's first lines: what trains on what, warnings about the plan, and how long it will take."""
+        grid = state.model.grid_size  # patches per side (the hybrid's ResNet stem downsamples first)
+        parameters = sum(p.numel() for p in state.model.parameters()) / 1e6
+        self.print(f"{config.model_name} ({parameters:.1f}M parameters, {grid}x{grid} patches of {config.img_size}px "
+                   f"images) on {config.data.name}: {state.steps_per_epoch} steps per epoch of batch "
+                   f"{config.batch_size} (processes: {state.world_size}, micro-batches: {config.grad_accum}); "
+                   f"{state.device}, {precision}; run dir {self.writer.log_dir}")
+        if warning := slow_precision_warning(precision, state.device):
+            self.print(f"warning: {warning}")
+        plan = state.plan
+        if plan.warmup_steps >= plan.total_steps > 0:
+            self.print(f"note: the {plan.warmup_steps}-step warm-up is not shorter than the {plan.total_steps}-step "
+                       "run, so the learning rate never reaches its peak; give a smaller --warmup-steps")
+        if calibration:
+            self.print(f"time budget {config.time_budget}: {plan.total_steps} steps "
+                       f"({plan.total_steps / state.steps_per_epoch:.1f} epochs) planned to end about "
+                       f"{end_time(seconds_left)} ({calibration})")
+
+    def replanned(self, total_steps, text):
+        self.total_steps = total_steps
+        if self.bar is not None:
+            self.bar.total = total_steps
+        self.print(text)
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update()
+
+    def train(self, step, loss, lr, images_per_sec, epoch):
+        for tag, value in (("loss", loss), ("lr", lr), ("images_per_sec", images_per_sec)):
+            self.writer.add_scalar(f"train/{tag}", value, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}", refresh=False)
+            return
+        seconds_per_step = (time.perf_counter() - self.started) / (step - self.start_step)
+        eta = format_duration(seconds_per_step * (self.total_steps - step))
+        self.print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  "
+                   f"{images_per_sec:.0f} img/s  eta {eta}")
+
+    def eval(self, record, attention=None):
+        for key in ("eval_loss", "eval_accuracy", "eval_ema_loss", "eval_ema_accuracy"):
+            if key in record:
+                self.writer.add_scalar(key.replace("eval_", "eval/", 1), record[key], record["step"])
+        if attention is not None:
+            self.writer.add_image("eval/attention", attention, record["step"])
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ema = (f"  EMA: loss {record['eval_ema_loss']:.4f}  accuracy {record['eval_ema_accuracy']:.4f}"
+               if "eval_ema_accuracy" in record else "")
+        self.print(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
+                   f"accuracy {record['eval_accuracy']:.4f}{ema}")
+
+    def finish(self, flat_config, final, total_steps, with_ema):
+        """The hyperparameters with the final metrics for TensorBoard, and the summary line."""
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config.items()}
+        metrics = {f"hparam/{k}": final[k] for k in ("eval_accuracy", "eval_loss", "best_accuracy")
+                   if final[k] is not None}
+        self.writer.add_hparams(hparams, metrics, run_name=".", global_step=final["step"])
+        self.print(summary(final, total_steps, with_ema))
+
+    def close(self):
+        self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
