@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: the ../shared folder, a real CIFAR-10 subset, and fake CIFAR pickles; and the
 skipping of tests marked `cuda` where there is no GPU."""
+import os
 import pickle
 import subprocess
 import sys
@@ -20,6 +21,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(no_gpu)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder that is a real tmpfs of `size` ("256k", "1m"), unmounted after the test; the test is
+    skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(size):
+        disk = tmp_path / f"disk{len(mounted)}"
+        disk.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,16 @@ CASES = [
     ("vit-train", "seed past numpy's range", [*TRAIN, "--seed", str(2**32)], "--seed"),
     ("vit-train", "unknown precision", [*TRAIN, "--precision", "fp8"], "invalid choice"),
     ("vit-train", "unknown device", [*TRAIN, "--device", "tpu"], "device"),
+    ("vit-train", "infinite cutmix strength", [*TRAIN, "--set", "data.cutmix_alpha=1e999"],
+     "data.cutmix_alpha must be a finite number"),
+    ("vit-train", "nan stochastic depth", [*TRAIN, "--set", "model.transformer.drop_path_rate=nan"],
+     "drop_path_rate is a probability in [0, 1), got nan"),
+    ("vit-train", "low-resolution share without a size", [*TRAIN, "--set", "schedule.low_res_fraction=0.5"],
+     "need schedule.low_res_size"),
+    ("vit-train", "low resolution not in whole patches", [*TRAIN, "--set", "schedule.low_res_size=14"],
+     "schedule.low_res_size 14 does not split into whole 4-pixel patches"),
+    ("vit-train", "1000 repeats of each image", [*TRAIN, "--set", "data.repeated_augmentation=1000"],
+     "repeats each image more times than a batch of 32 holds"),
     # vit-train: names and folders
     ("vit-train", "name with a slash", [*TRAIN, "--name", "a/b"], "cannot be a folder name"),
     ("vit-train", "name ..", [*TRAIN, "--name", ".."], "cannot be a folder name"),
@@ -96,6 +106,15 @@ CASES = [
     ("vit-train", "resume at another image size", ["--resume", DONE, "--img-size", "64"],
      "img_size cannot change when resuming"),
     ("vit-train", "resume with a recipe", ["--resume", DONE, "--config", "cifar10_scratch"], "cannot be combined"),
+    ("vit-train", "resume under another name", ["--resume", DONE, "--name", "other"],
+     "--name other would write another run's folder"),
+    ("vit-train", "resume into another folder", ["--resume", DONE, "--output-dir", "{tmp}/elsewhere"],
+     "would write another run's folder"),
+    ("vit-train", "resume with weights it ignores", ["--resume", DONE, "--pretrained", "{made}/notes.txt"],
+     "--pretrained is not used when resuming"),
+    ("vit-train", "resume to fewer steps than done", ["--resume", DONE, "--steps", "1"],
+     "is at step 2, past the 1 steps asked for"),
+    ("vit-train", "resume with a time budget", ["--resume", DONE, "--time-budget", "1h"], "keeps the steps"),
     # vit-train: the command line and recipes
     ("vit-train", "unknown --set key", [*TRAIN, "--set", "optim.momentun=0.8"], "unknown config key"),
     ("vit-train", "--set of the wrong type", [*TRAIN, "--set", "optim.lr=fast"], "optim.lr takes a float"),
@@ -121,7 +140,10 @@ CASES = [
      "does not exist"),
     ("vit-eval", "--json names a folder", ["--checkpoint", DONE, "--json", "{tmp}"], "is a folder"),
     ("vit-eval", "--json in /proc", ["--checkpoint", DONE, "--json", "/proc/eval.json"], "not writable"),
-    ("vit-eval", "batch size 0", ["--checkpoint", DONE, "--batch-size", "0"], "batch sizes >= 1"),
+    ("vit-eval", "batch size 0", ["--checkpoint", DONE, "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("vit-eval", "a .npz that is no archive of arrays", ["--model", "testing", "--pretrained", "{made}/garbage.npz",
+                                                         "--dataset", "synthetic", "--img-size", "32"],
+     "not a .npz archive of arrays"),
     ("vit-eval", "unknown dataset", ["--checkpoint", DONE, "--dataset", "mnist"], "invalid choice"),
     ("vit-eval", "unknown model for weights", ["--model", "ViT-Q_16", "--pretrained", "{made}/notes.txt"],
      "unknown model"),
@@ -159,6 +181,7 @@ def made(tmp_path_factory) -> Path:
                           "data.synthetic_test_size": 32, "batch_size": 32, "schedule.steps": 2, "optim.lr": 1e-3,
                           "quiet": True, "output_dir": str(made / "runs"), "name": "done"}))
     (made / "notes.txt").write_text("not a checkpoint")
+    (made / "garbage.npz").write_bytes(b"\x00not an archive" * 10)
 
     class RunsCode:  # a pickle that would create a folder when loaded
         def __reduce__(self):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vit_train.checkpoint import load_checkpoint
-from vit_train.cli import train_main, train_parser
+from vit_train import __version__
+from vit_train.cli import attention_main, eval_main, export_main, predict_main, train_main, train_parser
 from vit_train.config import CONFIGS_DIR, resolve_config
 from vit_train.errors import UserError
 
@@ -107,7 +108,7 @@ def test_help_documents_every_flag_and_its_default(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     options = [a for a in train_parser()._actions
-               if a.option_strings and a.dest not in ("help", "list_models", "list_pretrained")]
+               if a.option_strings and a.dest not in ("help", "version", "list_models", "list_pretrained")]
     for action in options:
         assert action.option_strings[0] in text
         assert "default" in action.help, action.option_strings
@@ -117,6 +118,16 @@ def test_help_documents_every_flag_and_its_default(capsys):
                  "--quiet", "--config", "--set", "--list-models"):
         assert flag in text
     assert "(default: 0.001; 0.03 with --pretrained)" in text
+    assert "a bare number is seconds" in text
+
+
+@pytest.mark.parametrize("main, prog", [(train_main, "vit-train"), (eval_main, "vit-eval"),
+                                        (predict_main, "vit-predict"), (attention_main, "vit-attention"),
+                                        (export_main, "vit-export")])
+def test_every_tool_says_its_version(main, prog, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"{prog} {__version__}\n"
 
 
 def test_list_models(capsys):

@@ -77,8 +77,9 @@ def weights(tmp_path_factory):
 
 
 def serve(server, body, path="/testing.npz", **kwargs) -> Release:
+    """A release of the `testing` model (10 classes, 32 px) at `path` on the server."""
     server.files[path] = body
-    return Release("testing", "test weights", server.url + path, **kwargs)
+    return Release("testing", "test weights", server.url + path, 10, 32, **kwargs)
 
 
 def test_a_download_shows_progress_and_the_second_call_is_a_cache_hit(server, weights, tmp_path, capsys):
@@ -198,7 +199,7 @@ def test_server_down_is_one_line_and_exit_2_with_where_to_put_the_file(tmp_path,
     url = closed_port_url()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(RELEASES, "testing-local", Release("testing", "test weights", url, size=None))
+    monkeypatch.setitem(RELEASES, "testing-local", Release("testing", "test weights", url, 10, 32))
     status = train_main(["--model", "testing", "--dataset", "synthetic", "--pretrained", "testing-local",
                          "--img-size", "32", "--batch-size", "8", "--steps", "1", "--device", "cpu",
                          "--output-dir", "runs"])
@@ -284,3 +285,49 @@ def test_the_wheel_carries_the_recipes_and_runs_them_from_elsewhere(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(installed / "vit_train" / "__init__.py"), str(installed / "vit_train" /
                                                                                     "configs")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A file is trusted, and its checksum recorded, only once it loads as the release it claims
+
+def test_a_truncated_download_is_not_recorded_and_does_not_lock_the_genuine_file_out(server, weights, tmp_path):
+    body, _ = weights
+    release = serve(server, body[: len(body) // 2])  # no listed size: only the layout can tell
+    with pytest.raises(UserError, match=r"is not testing's weights \(not a \.npz.*nothing was kept") as error:
+        fetch("testing-w", release, tmp_path)
+    assert "\n" not in str(error.value) and list(tmp_path.iterdir()) == []  # no checksum recorded for it
+    server.files["/testing.npz"] = body
+    assert fetch("testing-w", release, tmp_path).read_bytes() == body
+    assert (tmp_path / "testing-w.npz.sha256").read_text().strip() == hashlib.sha256(body).hexdigest()
+
+
+def test_a_stale_part_resumed_to_the_full_size_starts_over(server, weights, tmp_path, capsys):
+    body, _ = weights
+    stale = bytes(reversed(body))[: len(body) // 2]  # an earlier attempt's bytes, of another file
+    (tmp_path / "testing-w.npz.part").write_bytes(stale)
+    path = fetch("testing-w", serve(server, body, size=None), tmp_path)
+    assert path.read_bytes() == body
+    assert server.requests == [("/testing.npz", f"bytes={len(stale)}-"), ("/testing.npz", None)]
+    assert "starting it over" in capsys.readouterr().err
+    assert (tmp_path / "testing-w.npz.sha256").read_text().strip() == hashlib.sha256(body).hexdigest()
+
+
+def test_another_models_weights_are_refused_by_their_shapes(server, tmp_path):
+    other = tmp_path / "other.npz"
+    model = randomize(create_model("testing", num_classes=100))  # a head of 100 classes, not the release's 10
+    write_google_npz(other, model.state_dict(), get_config("testing").transformer.num_heads)
+    with pytest.raises(UserError, match=r"head/bias has shape \(100,\), not \(10,\)"):
+        fetch("testing-w", serve(server, other.read_bytes()), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_vit_eval_refuses_a_release_whose_head_cannot_fit_the_dataset_before_downloading(server, weights, tmp_path,
+                                                                                          monkeypatch, capsys):
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(RELEASES, "testing-i1k", Release("testing", "test weights", server.url + "/big.npz", 1000,
+                                                         32))
+    status = eval_main(["--model", "testing", "--pretrained", "testing-i1k", "--dataset", "synthetic",
+                        "--img-size", "32", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: testing-i1k has a head of 1000 classes and the dataset 10")
+    assert server.requests == [] and not (tmp_path / "cache").exists()

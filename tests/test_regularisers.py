@@ -167,7 +167,7 @@ def test_the_low_resolution_share_comes_first():
     plan = Plan.from_config(config, steps_per_epoch=16, total_steps=40)
     sizes = [plan.image_size(step) for step in range(40)]
     assert sizes == [16] * 10 + [32] * 30
-    with pytest.raises(UserError, match="does not divide the image size 14"):
+    with pytest.raises(UserError, match="low_res_size 14 does not split into whole 4-pixel patches"):
         resolve_config({**TINY, "schedule.low_res_size": 14})  # 4-px patches
     with pytest.raises(UserError, match="low_res_size"):
         resolve_config({**TINY, "schedule.low_res_size": 48})

@@ -328,18 +328,9 @@ def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, capsys):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 256 KiB filesystem (tmpfs) mounted for the test; skipped where mounting is not allowed."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+def tiny_disk(small_disk):
+    """A real 256 KiB filesystem (tmpfs)."""
+    return small_disk("256k")
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_report(tiny_disk):

@@ -70,10 +70,12 @@ def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_ev
         saves = 1 + ((done + steps) // save_every - done // save_every if save_every else 0)
         return steps * step_seconds + evals * eval_seconds + saves * save_seconds
 
-    steps = max(int(seconds_left / step_seconds), 0)
-    while steps > 0 and cost(steps) > seconds_left:
-        steps -= max(1, int((cost(steps) - seconds_left) / (step_seconds * 2)))
-    return max(steps, 0)
+    # The cost only grows with the steps: the largest that fits, by bisection between none and all-training.
+    fits, too_many = 0, max(int(seconds_left / step_seconds), 0) + 1
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        fits, too_many = (middle, too_many) if cost(middle) <= seconds_left else (fits, middle)
+    return fits
 
 
 @dataclasses.dataclass
@@ -122,16 +124,27 @@ def calibrate(config, state, step_fn, batches, test_loader, precision, started, 
     """
     snapshot = copy.deepcopy(state.state_dict())
     budget, world_size = budget_seconds(config.time_budget), state.world_size
+
+    def refuse_beyond_budget(what, seconds_more):
+        """The calibration itself must fit in the budget: refuse as soon as it is clear that it cannot."""
+        seconds = all_ranks(clock() - started, world_size)[0] + seconds_more  # rank 0's clock decides for all
+        if seconds > budget:
+            raise UserError(f"the time budget {config.time_budget} is too short for this run: {what} takes "
+                            f"{seconds:.0f} s before any training; give a longer --time-budget")
+
     first = time_train_steps(step_fn, batches, warmup=1, timed=1, clock=clock)
     first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
     # The sides the run trains at, in the proportion its plan gives them (any length will do for the shares).
     shares = Plan.from_config(config, steps_per_epoch=1, total_steps=1000).image_sizes()
+    refuse_beyond_budget(f"start-up and timing {(timed + 1) * len(shares)} steps of {first:.1f} s",
+                         (timed + 1) * len(shares) * first)
     seconds_at = {}
     for size in shares:
         seconds_at[size] = time_train_steps(lambda x, y: step_fn(x, y, size), batches, warmup=1, timed=timed,
                                             clock=clock)
     eval_seconds = time_eval_batches(state.model, test_loader, state.device, precision, clock) * len(test_loader)
+    refuse_beyond_budget(f"start-up, timing steps and one evaluation ({eval_seconds:.0f} s)", eval_seconds)
     save_started = clock()  # the optimizer now holds its moments, as in the run's checkpoints
     torch.save(state.state_dict(), io.BytesIO())
     save_seconds = 2 * (clock() - save_started)  # serialising, and as long again for the disk

@@ -6,6 +6,8 @@ layout is in vit_train/state.py, the one place that writes and reads it for trai
 
 Writes are atomic (temporary file, fsync, rename), so a crash mid-save leaves the previous file intact.
 """
+import contextlib
+import fcntl
 import os
 import pickle
 import random
@@ -68,6 +70,54 @@ def write_atomically(path, write, what="file") -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def owned_folder(folder, resuming: bool):
+    """Create `folder` and hold it for this process for the block: a second process that asks for it gets a
+    one-line UserError rather than writing into it too. The hold is an flock on folder/.lock, which the system
+    lets go when the process ends however it ends, so a crash never leaves the folder stuck."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise in_use(folder, holder) from None
+    try:
+        if (folder / "last.pt").exists() and not resuming:  # a run that ended while this one was starting
+            raise UserError(f"{folder} already holds a run; continue it with --resume {folder} or choose another "
+                            "--name")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield folder
+    finally:
+        lock.close()
+
+
+def check_not_in_use(folder):
+    """Refuse a folder another process holds (owned_folder), before anything starts."""
+    try:
+        lock = open(Path(folder) / LOCK_FILE)
+    except OSError:
+        return  # no lock file: never held, or nothing to read
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise in_use(folder, lock.read().strip() or "unknown") from None
+
+
+def in_use(folder, holder) -> UserError:
+    return UserError(f"{folder} is in use by another vit-train process (pid {holder}); wait for it to end, or "
+                     "choose another --name")
 
 
 def folder_write_error(folder) -> Optional[str]:

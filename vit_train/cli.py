@@ -13,11 +13,11 @@ import os
 import signal
 import sys
 
-from vit_train import evaluate
+from vit_train import __version__, evaluate
 from vit_train.config import DEFAULT_RECIPES, get_key, load_recipe, pretrained_config, resolve_config
 from vit_train.data import DATASETS, NORMALIZATIONS
 from vit_train.errors import UserError
-from vit_train.hub import check_weights_source, format_releases
+from vit_train.hub import check_release_head, check_weights_source, format_releases
 from vit_train.models import list_models
 from vit_train.runtime import PRECISIONS, resolve_device, resolve_precision, slow_precision_warning
 from vit_train.train import train
@@ -30,6 +30,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -107,7 +108,8 @@ def train_parser():
     length.add_argument("--epochs", dest="schedule.epochs", default=None, type=int, metavar="N",
                         help=f"passes over the training set, instead of --steps ({default('schedule.epochs')})")
     length.add_argument("--time-budget", dest="time_budget", default=None, metavar="DURATION",
-                        help="train for as many steps as fit in this time, e.g. 90s, 10m, 2h: a few steps are timed, "
+                        help="train for as many steps as fit in this time, e.g. 90s, 10m, 2h (a bare number is "
+                             "seconds): a few steps are timed, "
                              "then the whole schedule (warm-up, decay to zero, evaluations) is planned to end within "
                              "it, and re-planned once after a fifth of the steps from their real time; --resume "
                              "keeps the planned steps (default: none)")
@@ -249,6 +251,8 @@ def eval_main(argv=None):
         raise UserError("give --checkpoint, or --model and --pretrained (see vit-eval --help)")
     if args.pretrained:
         check_weights_source(args.pretrained, args.model)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.checkpoint and args.img_size:
         raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was trained at")
     for path in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
@@ -265,6 +269,7 @@ def eval_main(argv=None):
         config = pretrained_config(args.model, args.img_size)
         apply_eval_flags(config, args)
         loaders = evaluate.eval_loaders(config, device)
+        check_release_head(args.pretrained, len(loaders.class_names))
         loaded, notes = evaluate.load_pretrained_model(config, args.pretrained, loaders.class_names, device)
         for note in notes:
             print(f"note: {note}")

@@ -11,6 +11,7 @@ about (optimizer, learning rate, batch size, length, augmentation). Keys a recip
 (None until set). The resolved config is written to the run directory as config.json and into every checkpoint.
 """
 import ast
+import contextlib
 import math
 import os
 import time
@@ -20,15 +21,15 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_train.budget import budget_seconds
-from vit_train.checkpoint import checkpoint_path, folder_write_error, load_checkpoint
+from vit_train.checkpoint import check_not_in_use, checkpoint_path, folder_write_error, load_checkpoint
 from vit_train.data import check_data_config, default_data_config
 from vit_train.errors import UserError, first_line
 from vit_train.hub import check_weights_source
 from vit_train.models import apply_overrides, get_config
-from vit_train.models.vit import check_config as check_model_config
-from vit_train.runtime import PRECISIONS, resolve_device
+from vit_train.models.vit import check_config as check_model_config, patch_stride
 from vit_train.optim import OPTIMIZERS, SCHEDULES
 from vit_train.report import flatten
+from vit_train.runtime import PRECISIONS, resolve_device
 
 # The recipes: configs/ at the top of a source checkout, which a wheel installs as vit_train/configs/ (pyproject.toml).
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -141,8 +142,8 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
         config = load_recipe(recipe or DEFAULT_RECIPES[bool(overrides.get("pretrained"))])
     assignments = [*overrides.items(), *map(parse_assignment, sets)]
     fixed = fixed_on_resume(config) if resume else {}
-    if resume and any(key == "time_budget" for key, _ in assignments):
-        raise UserError("a resumed run keeps the steps its time budget planned; give --steps N to change its length")
+    if resume:
+        check_resume_assignments(config, assignments)
     # model.* keys wait for the model config, which comes from model_name, itself maybe among the assignments.
     for key, value in assignments:
         for alternatives in ALTERNATIVE_KEYS:
@@ -163,6 +164,22 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
         config.name = f"{config.model_name}_{config.data.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     validate(config)
     return config
+
+
+def check_resume_assignments(config, assignments):
+    """A resumed run continues in its own folder, from its own weights, with the steps it planned: refuse flags
+    that would send it elsewhere or that it would ignore, rather than record them as if they had been used."""
+    for key, value in assignments:
+        if key in ("name", "output_dir") and value is not None:
+            here = Path(config.output_dir) / config.name
+            there = (Path(value) / config.name if key == "output_dir" else Path(config.output_dir) / value)
+            require(there.absolute() == here.absolute(),
+                    f"--resume continues the run in {here}; --{key.replace('_', '-')} {value} would write another "
+                    f"run's folder. Copy the folder first to branch it off")
+        require(key != "pretrained" or not value,
+                "--pretrained is not used when resuming: the weights come from the checkpoint; drop the flag")
+        require(key != "time_budget" or not value,
+                "a resumed run keeps the steps its time budget planned; give --steps N to change its length")
 
 
 def fixed_on_resume(config) -> dict:
@@ -218,7 +235,9 @@ def set_key(config, key, value):
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            pass  # left a string: the assignment below reports the type mismatch
+            with contextlib.suppress(ValueError):  # 'nan', 'inf': floats, which validation then judges
+                value = float(value) if node.get_type(leaf) is float else value
+            # otherwise left a string: the assignment below reports the type mismatch
     try:
         node[leaf] = value
     except TypeError:
@@ -239,7 +258,8 @@ def require(ok, message):
 
 
 def validate(config):
-    """Reject a config that cannot run, in one line each, before anything heavy starts."""
+    """Reject a config that cannot run, or a setting that would do nothing, in one line each, before anything is
+    written or anything heavy starts."""
     check_data_config(config.data)
     check_model_config(config.model, config.img_size)
     optim, schedule = config.optim, config.schedule
@@ -254,14 +274,22 @@ def validate(config):
         require(0 < schedule.low_res_size < config.img_size,
                 f"schedule.low_res_size must be between 0 and the image size {config.img_size}, got "
                 f"{schedule.low_res_size}")
-        check_model_config(config.model, schedule.low_res_size)
+        stride = patch_stride(config.model)
+        require(schedule.low_res_size % stride == 0,
+                f"schedule.low_res_size {schedule.low_res_size} does not split into whole {stride}-pixel patches "
+                f"of {config.model_name}; give a multiple of {stride}")
+    else:
+        require(schedule.low_res_fraction == 0 and not schedule.low_res_steps,
+                "schedule.low_res_fraction and low_res_steps need schedule.low_res_size, the side to train at "
+                "first; set it too, or leave them at 0")
     require(0 <= schedule.low_res_fraction <= 1,
             f"schedule.low_res_fraction must be in [0, 1], got {schedule.low_res_fraction}")
     require(schedule.low_res_steps is None or schedule.low_res_steps >= 0,
             f"schedule.low_res_steps must be >= 0, got {schedule.low_res_steps}")
     require(schedule.low_res_steps is None or schedule.steps is not None or config.time_budget is None,
             "a --time-budget run plans its own length: give schedule.low_res_fraction, not schedule.low_res_steps")
-    for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.warmup_fraction": schedule.warmup_fraction}.items():
+    for what, value in {"optim.ema_decay": optim.ema_decay,
+                        "schedule.warmup_fraction": schedule.warmup_fraction}.items():
         require(value is None or 0 <= value < 1, f"{what} must be in [0, 1), got {value}")
     require(optim.name in OPTIMIZERS, f"unknown optimizer {optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     require(schedule.name in SCHEDULES, f"unknown schedule {schedule.name!r}; choose one of {', '.join(SCHEDULES)}")
@@ -280,6 +308,11 @@ def validate(config):
     require(len(optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in optim.betas),
             f"optim.betas must be two numbers in [0, 1), as (0.9, 0.999); got {tuple(optim.betas)}")
     require(0 <= optim.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {optim.label_smoothing}")
+    require(config.data.repeated_augmentation <= config.batch_size,
+            f"data.repeated_augmentation {config.data.repeated_augmentation} repeats each image more times than "
+            f"a batch of {config.batch_size} holds, so a batch would see one image; DeiT uses 3")
+    for key, value in flatten(config).items():  # inf or nan in any other key (a strength, a rate) is never meant
+        require(not isinstance(value, float) or math.isfinite(value), f"{key} must be a finite number, got {value}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     # Process r seeds numpy's global generator with seed + r, and np.random.seed takes 0..2**32 - 1 only.
     require(0 <= config.seed <= 2**32 - world_size, f"--seed must be in 0..{2**32 - world_size}, got {config.seed}")
@@ -304,6 +337,7 @@ def check_run_dir(run_dir: Path, resuming: bool):
     """The run directory must be creatable and writable, and must not hold another run we would overwrite."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} exists and is not a directory; choose another --output-dir/--name")
+    check_not_in_use(run_dir)
     if (run_dir / "last.pt").exists() and not resuming:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name")
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())

@@ -14,7 +14,11 @@ What a file is checked against:
   vision_transformer README), to the precision listed: an error page or another model's file is refused;
 - its SHA-256, against the checksum stated here, and where none is stated (Google publishes none) against the
   one recorded beside the file (NAME.npz.sha256) by its first download; a file put in the cache by hand has its
-  checksum recorded on first use.
+  checksum recorded on first use;
+- before a checksum is recorded, its layout: every array's CRC, and the shapes of its patch embedding, position
+  embeddings and head as the release's model, resolution and classes give them. A damaged or truncated file, or
+  a stale .part resumed to the listed size, is never recorded (a resumed part that fails starts over once), so it
+  cannot lock the genuine file out.
 """
 import contextlib
 import fcntl
@@ -25,13 +29,17 @@ import re
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from tqdm import tqdm
 
-from vit_train.errors import UserError
+from vit_train.errors import UserError, first_line
+from vit_train.models.configs import get_config
+from vit_train.models.vit import patch_stride
 
 
 @dataclass(frozen=True)
@@ -39,12 +47,15 @@ class Release:
     model: str                    # the vit-train model name whose weights these are
     trained_on: str
     url: str
+    classes: int                  # outputs of its head: 21843 for ImageNet-21k, 1000 for ImageNet-1k
+    resolution: int               # the image side it was trained at, which sets its position embeddings
     size: Optional[str] = None    # as Google lists it, e.g. "393.69 MiB"; None where Google lists none
     sha256: Optional[str] = None  # None: none published; the first download records it
 
 
 BUCKET = "https://storage.googleapis.com/vit_models/"
 I21K, I1K = "ImageNet-21k", "then ImageNet-1k at {} px"
+I21K_CLASSES, I1K_CLASSES = 21843, 1000
 AUGREG = "ImageNet-21k (AugReg)"  # Steiner et al. 2021, "How to train your ViT?"
 
 
@@ -52,7 +63,8 @@ def original(model, file, size, fine_tuned_px=None):
     """A release of the paper: gs://vit_models/imagenet21k/, or imagenet21k+imagenet2012/ when fine-tuned."""
     folder = "imagenet21k%2Bimagenet2012" if fine_tuned_px else "imagenet21k"  # %2B: the '+' of the folder name
     trained_on = f"{I21K}, {I1K.format(fine_tuned_px)}" if fine_tuned_px else I21K
-    return Release(model, trained_on, f"{BUCKET}{folder}/{file.replace('+', '%2B')}.npz", size)
+    return Release(model, trained_on, f"{BUCKET}{folder}/{file.replace('+', '%2B')}.npz",
+                   I1K_CLASSES if fine_tuned_px else I21K_CLASSES, fine_tuned_px or 224, size)
 
 
 # The releases whose layout our models load. Not listed: R26+ViT-B_32, R50+ViT-L_32 and the AugReg hybrids
@@ -81,10 +93,11 @@ def augreg_releases(recommended) -> dict:
     its size, the learning rate in the name of its ImageNet-1k fine-tuning at 384 px)."""
     releases = {}
     for model, file, size, fine_tune_lr in recommended:
-        releases[f"{model}-augreg-i21k"] = Release(model, AUGREG, f"{BUCKET}augreg/{file}.npz", size)
+        releases[f"{model}-augreg-i21k"] = Release(model, AUGREG, f"{BUCKET}augreg/{file}.npz", I21K_CLASSES, 224,
+                                                   size)
         releases[f"{model}-augreg-i21k-i1k-384"] = Release(
             model, f"{AUGREG}, {I1K.format(384)}",
-            f"{BUCKET}augreg/{file}--imagenet2012-steps_20k-{fine_tune_lr}-res_384.npz", size=None)
+            f"{BUCKET}augreg/{file}--imagenet2012-steps_20k-{fine_tune_lr}-res_384.npz", I1K_CLASSES, 384)
     return releases
 
 
@@ -128,8 +141,18 @@ def weights_file(source) -> Path:
     return Path(source) if Path(source).is_file() else fetch(source, RELEASES[source], cache_dir())
 
 
+def check_release_head(source, num_classes):
+    """Refuse, before any download, a released name whose head cannot give `num_classes` outputs (evaluating
+    weights as they are needs one output per class of the dataset)."""
+    release = RELEASES.get(source)
+    if release is not None and not Path(source).is_file() and release.classes != num_classes:
+        raise UserError(f"{source} has a head of {release.classes} classes and the dataset {num_classes}; evaluate "
+                        "weights fine-tuned on this dataset, or fine-tune these with vit-train --pretrained")
+
+
 def fetch(name, release: Release, directory: Path) -> Path:
-    """directory/NAME.npz, checked; downloaded from release.url first when it is not there."""
+    """directory/NAME.npz, checked; downloaded from release.url first when it is not there. A file is trusted,
+    and its checksum recorded, only once it loads as the release it claims (check_layout)."""
     target = directory / f"{name}.npz"
     part, recorded_path = target.with_name(f"{target.name}.part"), target.with_name(f"{target.name}.sha256")
     try:
@@ -144,8 +167,7 @@ def fetch(name, release: Release, directory: Path) -> Path:
                     raise UserError(f"the cached {target} {problem}, so it was removed; run the same command again "
                                     f"to download it anew")
             else:
-                download(name, release.url, part, target)
-                problem, digest = check(part, release, expected)
+                problem, digest = download_checked(name, release, part, target, expected)
                 if problem:
                     part.unlink()
                     hint = (f"; if Google replaced the file, delete {recorded_path} and run again"
@@ -160,6 +182,21 @@ def fetch(name, release: Release, directory: Path) -> Path:
         raise UserError(f"cannot use the weights cache {directory}: {error.strerror or error}; set VIT_TRAIN_CACHE "
                         f"to a writable folder") from None
     return target
+
+
+def download_checked(name, release, part: Path, target: Path, expected_sha256) -> tuple:
+    """Download into `part` and check it: (what is wrong or None, its SHA-256). A part left by an earlier attempt
+    is resumed; when the whole then fails its checks (the earlier bytes were another file's), it starts over once
+    from nothing."""
+    resumed = part.exists() and part.stat().st_size > 0
+    download(name, release.url, part, target)
+    problem, digest = check(part, release, expected_sha256)
+    if problem and resumed:
+        print(f"{name}: the resumed download {problem}; starting it over", file=sys.stderr, flush=True)
+        part.unlink()
+        download(name, release.url, part, target)
+        problem, digest = check(part, release, expected_sha256)
+    return problem, digest
 
 
 @contextlib.contextmanager
@@ -232,10 +269,13 @@ UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def check(path: Path, release: Release, expected_sha256) -> tuple:
-    """(what is wrong with the file or None, its SHA-256)."""
+    """(what is wrong with the file or None, its SHA-256): its size as listed, its checksum as published or
+    recorded, and where there is no checksum yet, its layout as the release's (check_layout)."""
     size = path.stat().st_size
     if release.size and not size_matches(size, release.size):
         return f"is {size:,} bytes, not the {release.size} Google lists", None
+    if expected_sha256 is None and (problem := check_layout(path, release)):
+        return problem, None
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -245,6 +285,33 @@ def check(path: Path, release: Release, expected_sha256) -> tuple:
         source = "published" if expected_sha256 == release.sha256 else "recorded at its first download"
         return f"has SHA-256 {digest}, not the {expected_sha256} {source}", digest
     return None, digest
+
+
+def check_layout(path: Path, release: Release) -> Optional[str]:
+    """What shows that the file is not the release's weights, or None: it must be a .npz of arrays whose patch
+    embedding, position embeddings and head have the shapes the release's model, resolution and classes give.
+    Every array's CRC is checked, and three small arrays read; from then on its checksum stands for it all."""
+    config = get_config(release.model)
+    width, patch = config.hidden_size, config.patches.size[0]
+    tokens = 1 + (release.resolution // patch_stride(config)) ** 2
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # every array's CRC: bytes of another file resumed into this one show here
+        if damaged:
+            return f"is damaged ({damaged} fails its CRC)"
+        with np.load(path, allow_pickle=False) as npz:
+            shapes = {key: npz[key].shape for key in ("embedding/kernel", "Transformer/posembed_input/pos_embedding",
+                                                      "head/bias")}
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
+        return f"is not {release.model}'s weights (not a .npz of its arrays: {first_line(error)[:80]})"
+    expected = {"Transformer/posembed_input/pos_embedding": (1, tokens, width), "head/bias": (release.classes,)}
+    kernel = shapes["embedding/kernel"]
+    if len(kernel) != 4 or kernel[-1] != width or (config.resnet is None and kernel[:2] != (patch, patch)):
+        return f"is not {release.model}'s weights (a patch embedding of shape {kernel})"
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            return f"is not {release.model}'s weights ({key} has shape {shapes[key]}, not {shape})"
+    return None
 
 
 def size_matches(size, listed) -> bool:

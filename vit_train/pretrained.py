@@ -18,7 +18,7 @@ import zipfile
 import numpy as np
 import torch
 
-from vit_train.errors import UserError
+from vit_train.errors import UserError, first_line
 from vit_train.hub import weights_file
 from vit_train.models.vit import resize_position_grid
 
@@ -61,7 +61,9 @@ def read_weights(path) -> dict:
             with np.load(path, allow_pickle=False) as npz:
                 return npz_to_state_dict({key: npz[key] for key in npz.files})
         except (ValueError, OSError, zipfile.BadZipFile) as error:
-            raise UserError(f"{path} is not a readable .npz checkpoint ({error})") from None
+            # numpy's own words for a file that is no .npz of arrays advise allow_pickle, which is never right here
+            why = "not a .npz archive of arrays" if "pickle" in str(error) else first_line(error)
+            raise UserError(f"{path} is not a readable .npz checkpoint ({why})") from None
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -71,8 +73,7 @@ def read_weights(path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a loadable weights file: {first_line}") from None
+        raise UserError(f"{path} is not a loadable weights file: {first_line(error)}") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]  # a vit-train checkpoint
     elif isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):

@@ -1,14 +1,17 @@
 """What a run reports, on rank 0: the start-up lines, a progress bar (plain lines when stderr is not a terminal,
 or with --quiet), TensorBoard scalars, metrics.jsonl (one JSON object per evaluation), the expected duration and
 the time budget's plan, and the summary line. Durations and clock times for people live here too."""
+import contextlib
 import datetime
 import json
 import sys
+import threading
 import time
 
 from tqdm import tqdm
 
 from vit_train.checkpoint import write_atomically
+from vit_train.errors import UserError
 from vit_train.runtime import slow_precision_warning
 
 # Steps after which a run without a time budget states how long it will take.
@@ -26,6 +29,10 @@ def format_duration(seconds) -> str:
 
 
 def end_time(seconds_from_now) -> str:
+    """'14:05' today, 'Tue 01 Dec 14:05' within a year, 'in 3.2 years' (or 'in 4.1e+05 years') beyond: any length a
+    flag allows prints, where a date in the year 10000 would overflow."""
+    if seconds_from_now >= 365 * 86400:
+        return f"in {seconds_from_now / (365.25 * 86400):.3g} years"
     at = datetime.datetime.now() + datetime.timedelta(seconds=seconds_from_now)
     return at.strftime("%H:%M" if seconds_from_now < 20 * 3600 else "%a %d %b %H:%M")
 
@@ -62,13 +69,21 @@ def flatten(config, prefix=""):
 
 
 class RunLog:
-    """Rank 0's reports for the run in `run_dir`, from `start_step` (a resumed run's) on."""
+    """Rank 0's reports for the run in `run_dir`, from `start_step` (a resumed run's) on.
+
+    A write that fails (a full disk) ends the run with one line naming the file; checkpoints are written apart,
+    atomically, so they stay as last saved. TensorBoard writes from a background thread, which would print the
+    failure's traceback on its own: it is kept quiet, and the main thread reports the failure, which TensorBoard
+    hands it at the next write."""
 
     def __init__(self, run_dir, quiet, start_step, total_steps):
         from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
 
-        # A resumed run repeats the steps after its checkpoint: drop what the interrupted run logged for them.
-        self.writer = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
+        self.run_dir, self.events = run_dir, f"the TensorBoard events in {run_dir}"
+        self.previous_excepthook, threading.excepthook = threading.excepthook, self.quiet_writer_thread
+        with self.writing(self.events):
+            # A resumed run repeats the steps after its checkpoint: drop what the interrupted run logged for them.
+            self.writer = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         self.metrics_path = run_dir / "metrics.jsonl"
         if self.metrics_path.exists():
             records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
@@ -77,6 +92,19 @@ class RunLog:
         self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
         use_bar = not quiet and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
+
+    def quiet_writer_thread(self, args):
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            self.previous_excepthook(args)
+
+    @contextlib.contextmanager
+    def writing(self, what):
+        try:
+            yield
+        except OSError as error:
+            raise UserError(f"could not write {what} ({error.strerror or error}); the checkpoints in {self.run_dir} "
+                            f"are as last saved. Free space, then continue with vit-train --resume {self.run_dir}"
+                            ) from None
 
     def print(self, text):
         if self.bar is not None:
@@ -114,8 +142,9 @@ class RunLog:
             self.bar.update()
 
     def train(self, step, loss, lr, images_per_sec, epoch):
-        for tag, value in (("loss", loss), ("lr", lr), ("images_per_sec", images_per_sec)):
-            self.writer.add_scalar(f"train/{tag}", value, step)
+        with self.writing(self.events):
+            for tag, value in (("loss", loss), ("lr", lr), ("images_per_sec", images_per_sec)):
+                self.writer.add_scalar(f"train/{tag}", value, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}", refresh=False)
             return
@@ -125,13 +154,20 @@ class RunLog:
                    f"{images_per_sec:.0f} img/s  eta {eta}")
 
     def eval(self, record, attention=None):
-        for key in ("eval_loss", "eval_accuracy", "eval_ema_loss", "eval_ema_accuracy"):
-            if key in record:
-                self.writer.add_scalar(key.replace("eval_", "eval/", 1), record[key], record["step"])
-        if attention is not None:
-            self.writer.add_image("eval/attention", attention, record["step"])
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self.writing(self.events):
+            for key in ("eval_loss", "eval_accuracy", "eval_ema_loss", "eval_ema_accuracy"):
+                if key in record:
+                    self.writer.add_scalar(key.replace("eval_", "eval/", 1), record[key], record["step"])
+            if attention is not None:
+                self.writer.add_image("eval/attention", attention, record["step"])
+        with self.writing(self.metrics_path), open(self.metrics_path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write((json.dumps(record) + "\n").encode())
+                f.flush()
+            except OSError:
+                f.truncate(size)  # no half line for a resumed run to stumble on
+                raise
         ema = (f"  EMA: loss {record['eval_ema_loss']:.4f}  accuracy {record['eval_ema_accuracy']:.4f}"
                if "eval_ema_accuracy" in record else "")
         self.print(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
@@ -142,10 +178,23 @@ class RunLog:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config.items()}
         metrics = {f"hparam/{k}": final[k] for k in ("eval_accuracy", "eval_loss", "best_accuracy")
                    if final[k] is not None}
-        self.writer.add_hparams(hparams, metrics, run_name=".", global_step=final["step"])
+        with self.writing(self.events):
+            self.writer.add_hparams(hparams, metrics, run_name=".", global_step=final["step"])
+            self.writer.flush()
         self.print(summary(final, total_steps, with_ema))
 
-    def close(self):
-        self.writer.close()
-        if self.bar is not None:
-            self.bar.close()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        """Flush and close. A run already ending on an error ends with that one line, not a second one."""
+        try:
+            with self.writing(self.events):
+                self.writer.close()
+        except UserError:
+            if exc_type is None:
+                raise
+        finally:
+            threading.excepthook = self.previous_excepthook
+            if self.bar is not None:
+                self.bar.close()

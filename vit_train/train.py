@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from vit_train import budget
-from vit_train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint, write_atomically
 from vit_train.data import build_loaders, resize_images
 from vit_train.errors import UserError
 from vit_train.evaluate import attention_image, evaluate_model
@@ -249,6 +249,9 @@ def build_run(config, rank, world_size, device) -> Run:
                      config, name, loaders.class_names, len(loaders.train), device, rank, world_size)
     if config.resume:
         state.load_state_dict(load_checkpoint(config.resume))
+        if state.plan and state.plan.total_steps < state.step:
+            raise UserError(f"{config.resume} is at step {state.step}, past the {state.plan.total_steps} steps asked "
+                            f"for; give --steps {state.step} or more (or --epochs) to continue it")
     attention_samples = next(loaders.test.batches(0))[0][:4]
     return Run(state, train_model, eval_model, loaders, precision, Path(config.output_dir) / name, attention_samples,
                saved_step=state.step)
@@ -274,10 +277,10 @@ def train(config, clock=time.perf_counter):
                 started, clock)
         stops.plan = lambda: f"finishing step {state.step + 1}, then saving {run.run_dir / 'last.pt'}"
         if rank == 0:
-            run.run_dir.mkdir(parents=True, exist_ok=True)
+            cleanup.enter_context(owned_folder(run.run_dir, resuming=bool(config.resume)))
             run.write_config()
-            run.log = RunLog(run.run_dir, config.quiet, state.step, state.plan.total_steps)
-            cleanup.callback(run.log.close)  # also when the run fails: flush TensorBoard, end the progress bar
+            # closed also when the run fails: TensorBoard flushed, the progress bar ended
+            run.log = cleanup.enter_context(RunLog(run.run_dir, config.quiet, state.step, state.plan.total_steps))
             run.log.start(config, state, run.precision, measured,
                           calibration and calibration.budget - (clock() - started))
 

@@ -321,6 +321,12 @@ def resize_position_grid(pos_embed: torch.Tensor, num_prefix_tokens: int, grid: 
     return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
+def patch_stride(config: ml_collections.ConfigDict) -> int:
+    """Pixels per patch side in the input image: the patch size, times the hybrid's stem downsampling."""
+    downsample = resnet_downsample(config.resnet.num_layers) if config.resnet is not None else 1
+    return config.patches.size[0] * downsample
+
+
 def check_config(config: ml_collections.ConfigDict, img_size: int):
     """Reject configurations that cannot build a network, with a message that says how to fix them."""
     name = config.get("name", "model")
@@ -353,7 +359,7 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
     if len(size) != 2 or size[0] != size[1] or not isinstance(size[0], int):  # a square P×P convolution embeds
         raise UserError(f"model.patches.size must be a square (P, P) of pixels, got {size}; e.g. (4, 4)")
     patch_size = size[0]
-    downsample = resnet_downsample(config.resnet.num_layers) if config.resnet is not None else 1
+    downsample = patch_stride(config) // patch_size if patch_size > 0 else 1
     if patch_size <= 0 or img_size % (patch_size * downsample):
         what = f"the ResNet stem's 16× downsampling times patch size {patch_size}" if downsample > 1 else (
             f"patch size {patch_size}")

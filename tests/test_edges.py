@@ -1,0 +1,147 @@
+"""What a new user trips on, beyond the bad-input table: lengths at the edges, budgets at any evaluation frequency
+and too short for the model, one process per run folder, a full disk under TensorBoard, and the EMA's bookkeeping."""
+import itertools
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vit_train.train
+from vit_train.budget import budget_steps
+from vit_train.checkpoint import load_checkpoint
+from vit_train.cli import train_main
+from vit_train.config import resolve_config
+from vit_train.errors import UserError
+from vit_train.report import duration_line, end_time
+from vit_train.train import train
+
+TINY_SETS = ["--model", "testing", "--dataset", "synthetic", "--batch-size", "32", "--quiet",
+             "--set", "data.auto_augment=none", "--set", "data.mixup_alpha=0", "--set", "data.cutmix_alpha=0",
+             "--set", "data.random_erasing=0"]
+TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
+        "data.auto_augment": "none", "data.random_erasing": 0.0, "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0,
+        "data.synthetic_test_size": 128, "batch_size": 32, "optim.lr": 3e-3, "quiet": True}
+
+
+def test_lengths_beyond_any_calendar_still_print():
+    assert end_time(3.6e12) == "in 1.14e+05 years" and end_time(400 * 86400) == "in 1.1 years"
+    line = duration_line(1e14 * 0.01, torch.device("cpu"), steps=10**14, steps_per_epoch=16)
+    assert "100000000000000 steps" in line and "years" in line
+
+
+def test_a_budget_plan_is_the_longest_that_fits_at_any_evaluation_and_save_frequency():
+    """Against brute force over a grid of costs: the most steps whose cost fits, never one more."""
+    for step_s, eval_s, save_s, every_eval, every_save, done, budget in itertools.product(
+            (0.01, 0.07, 0.5), (0.0, 0.3, 4.0), (0.0, 0.2), (0, 1, 2, 7, 100), (0, 1, 3), (0, 5), (0.5, 20.0)):
+        def cost(n):
+            evals = 1 + ((done + n) // every_eval - done // every_eval if every_eval else 0)
+            saves = 1 + ((done + n) // every_save - done // every_save if every_save else 0)
+            return n * step_s + evals * eval_s + saves * save_s
+        best = max((n for n in range(int(budget / step_s) + 2) if cost(n) <= budget), default=0)
+        got = budget_steps(budget, step_s, eval_s, save_s, every_eval, every_save, done=done)
+        assert got == best, (step_s, eval_s, save_s, every_eval, every_save, done, budget)
+    # the case a user met: evaluations every 2 steps no longer leave a 20-second budget with no steps
+    assert budget_steps(20 - 3, 0.05, 0.1, 0.01, 2, 0) > 100
+
+
+class SlowClock:
+    """Each reading is 5 s after the last: every step and test batch looks 5 s long."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 5.0
+        return self.now
+
+
+def test_a_budget_too_short_for_the_model_is_refused_at_its_first_step(tmp_path, monkeypatch):
+    steps = []
+    real_step = vit_train.train.train_step
+    monkeypatch.setattr(vit_train.train, "train_step", lambda *args: steps.append(1) or real_step(*args))
+    config = resolve_config({**TINY, "time_budget": "10s", "output_dir": str(tmp_path), "name": "short"})
+    with pytest.raises(UserError, match=r"time budget 10s is too short for this run: start-up and timing \d+ steps"):
+        train(config, clock=SlowClock())
+    assert len(steps) == 2 and not (tmp_path / "short").exists()  # refused after timing one step, nothing written
+
+
+def run_long(tmp_path, name, *extra):
+    """`python -m vit_train` on a 5000-step run; returns the process once it logged step 20 (last.pt holds 10)."""
+    command = [sys.executable, "-m", "vit_train", *TINY_SETS, "--steps", "5000", "--save-every", "10",
+               "--output-dir", str(tmp_path), "--name", name, *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step 20/"):
+            return process
+    raise AssertionError(process.communicate()[1])
+
+
+def test_a_run_folder_has_one_writer_and_a_killed_one_leaves_it_free(tmp_path, capsys):
+    first = run_long(tmp_path, "shared")
+    try:
+        assert train_main([*TINY_SETS, "--steps", "20", "--output-dir", str(tmp_path), "--name", "shared"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {tmp_path / 'shared'} is in use by another vit-train process (pid {first.pid}); "
+                       "wait for it to end, or choose another --name\n")
+    finally:
+        first.send_signal(signal.SIGKILL)  # no chance to let go: the system releases the lock
+        first.communicate(timeout=60)
+    step = load_checkpoint(tmp_path / "shared")["step"]
+    assert train_main(["--resume", str(tmp_path / "shared"), "--steps", str(step + 2)]) == 0
+    assert load_checkpoint(tmp_path / "shared")["step"] == step + 2
+
+
+def fill(folder):
+    """Write a file into `folder` until its filesystem is full."""
+    with open(folder / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+def test_a_full_disk_under_tensorboard_is_one_line_and_the_last_checkpoint_survives(small_disk):
+    """The disk fills after the step-200 checkpoint; at step 400 TensorBoard's thread writes the attention image
+    and the run appends to metrics.jsonl, both into a full disk."""
+    disk = small_disk("2m")
+    command = [sys.executable, "-m", "vit_train", *TINY_SETS, "--steps", "5000", "--eval-every", "200",
+               "--save-every", "200", "--output-dir", str(disk), "--name", "full"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step 250/"):
+            fill(disk)
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert err.startswith("error: could not write ") and err.count("\n") == 1, err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert load_checkpoint(disk / "full" / "last.pt")["step"] == 200  # the last good one, whole
+    assert not [p for p in (disk / "full").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_ema_run_says_which_accuracy_is_which_and_a_run_without_evaluation_prints_no_sentinel(tmp_path, capsys,
+                                                                                               monkeypatch):
+    final = train(resolve_config({**TINY, "schedule.steps": 6, "optim.ema_decay": 0.5, "eval_every": 3,
+                                  "output_dir": str(tmp_path), "name": "ema"}))
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert f"eval accuracy {final['eval_accuracy']:.4f}  EMA accuracy {final['eval_ema_accuracy']:.4f} " in summary
+    assert f"(best EMA {final['best_accuracy']:.4f})" in summary
+
+    stopped_early = []
+    real_step = vit_train.train.train_step
+
+    def stop_at_once(*args):
+        loss = real_step(*args)
+        if not stopped_early:
+            stopped_early.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(vit_train.train, "train_step", stop_at_once)
+    final = train(resolve_config({**TINY, "schedule.steps": 50, "output_dir": str(tmp_path), "name": "early"}))
+    assert final["best_accuracy"] is None
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert "(best n/a)" in summary and "-1.0" not in summary
