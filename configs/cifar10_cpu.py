@@ -10,8 +10,9 @@ The best plain ViT we found for a 2-core CPU in 10 minutes, chosen by measuremen
   identity, value-projection products near minus the identity) and global average pooling instead of the CLS
   token: together attention starts out local, as a convolution's, and learns in fewer epochs (71.0% against
   66.8%; with the CLS token 68.1%);
-- AdamW, lr 1e-3 (2e-3 reached 69.5%), weight decay 0.05, batch 128, warm-up 5% of the run, cosine to zero,
-  label smoothing 0.1;
+- Muon for the weight matrices of the transformer blocks, AdamW for the rest (optim.name=muon; 76.1% against
+  AdamW's 71.1% in 10 minutes), lr 1e-3 (AdamW at 2e-3 reached 69.5%), weight decay 0.05, batch 128, warm-up 5% of
+  the run, cosine to zero, label smoothing 0.1;
 - flips only, no random crop: with a dozen epochs the model under-fits, and crops cost accuracy (51.4% against
   49.2% in 5 minutes); no mixing, no auto-augment, no EMA (all help long runs, not this one).
 The number of steps comes from the time budget: steps are timed, the schedule is planned to end within it, and
@@ -32,7 +33,7 @@ def get_config():
     config.img_size = 32
     config.batch_size = 128
     config.eval_batch_size = 500
-    config.optim.name = "adamw"
+    config.optim.name = "muon"
     config.optim.lr = 1e-3
     config.optim.weight_decay = 0.05
     config.optim.label_smoothing = 0.1

@@ -7,14 +7,17 @@
 #   speed      python -m vit_train.bench.model_step: ours, timm's and HF's training step, images/s and MFU against
 #              the GPU's dense bf16 peak, for ViT-B_16 at 32 and 224 px and the plain small ViT of the recipe below
 #   run        a timed from-scratch run to accuracy on real CIFAR-10: vit-train --config cifar10_vit_small
-# A stage that fails is recorded in the report with the end of its log, and the next stage runs.
+#              --time-budget 10m, then the images/s and MFU of that real training loop (data path included)
+# Every stage is bounded in time; a stage that fails or times out is recorded in the report with the end of its
+# log, and the next stage runs.
 #
 # Usage: scripts/gpu_check.sh [--data-dir DIR] [--time-budget DURATION] [--report FILE] [--wheels DIR]
 #                             [-- more vit-train flags]
 #   --data-dir DIR      where cifar-10-batches-py/ is, or is made (default: ./data). A missing one is made from the
 #                       real CIFAR-10 of ../shared/data or shared/data (make_cifar10.py and cifar10-jpeg.tar.gz; copy
 #                       that folder along), else vit-train downloads the official release, which needs internet.
-#   --time-budget D     passed to vit-train, e.g. 5m (default: none, the recipe's full 100 epochs)
+#   --time-budget D     the run stage's vit-train --time-budget, e.g. 5m or 2h (default: 10m); the stage is
+#                       killed at 1.5 times it plus 10 minutes
 #   --report FILE       default: gpu_report.md. Each stage's full log goes to FILE without .md, plus _logs/.
 #   --wheels DIR        install missing packages from these wheels, offline (default: .whl/ when there is one)
 #   -- FLAGS            the rest goes to vit-train too (not --name or --output-dir: the report reads the run's
@@ -24,8 +27,8 @@
 #   python3 holds torch, torchvision, numpy, tqdm, tensorboard, pytest, timm and transformers, that is usually
 #   ml_collections alone: `pip download --no-deps -d .whl ml_collections` where there is a registry, then bring .whl/.
 #   Without a GPU it says so in one line and exits with status 2, having changed nothing.
-# How long: not measured yet, no GPU has run it. The run lasts the recipe's 100 epochs, or --time-budget; the report
-#   gives the tests' time and the run's wall time.
+# How long: at most set-up 30 min, tests 30 min, speed 3 x 15 min, run 1.5 x --time-budget + 10 min, MFU 5 min
+#   (bounds, not measurements; the report gives each stage's time). Bash 4.2 or newer.
 # Exit status: 0 when every stage passed, 1 when one failed (see the report), 2 without a GPU or with bad arguments.
 set -uo pipefail
 
@@ -33,7 +36,7 @@ usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 fail_usage() { echo "error: $1 (see scripts/gpu_check.sh --help)" >&2; exit 2; }
 absolute() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
 
-DATA_DIR=data REPORT=gpu_report.md WHEELS="" TIME_BUDGET="" TRAIN_FLAGS=()
+DATA_DIR=data REPORT=gpu_report.md WHEELS="" TIME_BUDGET=10m TRAIN_FLAGS=()
 while (($#)); do
     case $1 in
         -h | --help) usage; exit 0 ;;
@@ -102,15 +105,17 @@ setup() {
     local pip=("$VPY" -m pip install --disable-pip-version-check --no-input)
     if [[ -n $WHEELS ]]; then pip+=(--no-index --find-links "$WHEELS"); else pip+=(--retries 1 --timeout 20); fi
     echo "missing: ${missing[*]:-none}; peers missing: ${optional[*]:-none}; wheels: ${WHEELS:-none}"
-    if ((${#missing[@]})); then "${pip[@]}" "${missing[@]}" || return; fi
+    # (${a[@]+"${a[@]}"}: an empty array under set -u, which bash before 4.4 calls unbound)
+    if ((${#missing[@]})); then timeout 1200 "${pip[@]}" "${missing[@]}" || return; fi
     if ((${#optional[@]})); then
-        "${pip[@]}" "${optional[@]}" || echo "peers not installed: the speed stage skips them"
+        timeout 600 "${pip[@]}" "${optional[@]}" || echo "peers not installed: the speed stage skips them"
     fi
-    INSTALLED=("${missing[@]}")
+    INSTALLED=(${missing[@]+"${missing[@]}"})
     # vit-train itself, leaving its dependencies alone and needing no registry. Offline, an editable install rests
     # on the build tools python3 happens to have (setuptools >= 64, wheel); without them the checkout goes on the
     # path instead, which is what an editable install amounts to, less the vit-train command (python -m vit_train).
-    if "$VPY" -m pip install --disable-pip-version-check --no-input --no-deps --no-build-isolation --no-index -e .; then
+    if timeout 300 "$VPY" -m pip install --disable-pip-version-check --no-input --no-deps --no-build-isolation \
+        --no-index -e .; then
         PROJECT="pip install -e . (no dependencies, offline)"
     else
         echo "$PWD" >"$(site_packages)/vit_train_checkout.pth" || return
@@ -195,7 +200,7 @@ for case in vit-b16-32 small-vit-32 vit-b16-224; do
 done
 grep -h '^|' "$LOGS"/speed_*.log 2>/dev/null | awk '!seen[$0]++' >>"$REPORT"
 grep -h 'skipped, .* is not installed' "$LOGS"/speed_*.log 2>/dev/null | sort -u | sed 's/^ */- /' >>"$REPORT"
-for failure in "${FAILED_SPEED[@]}"; do
+for failure in ${FAILED_SPEED[@]+"${FAILED_SPEED[@]}"}; do
     stage_failed "speed case ${failure%%:*}" "${failure#*:}" "$LOGS/speed_${failure%%:*}.log"
 done
 
@@ -216,10 +221,11 @@ fi
 [[ -d $DATA_DIR/cifar-10-batches-py ]] || data_note="the official release, downloaded by vit-train"
 NAME=gpu_check_$(date -u +%Y%m%d-%H%M%S)
 command=("$VPY" -m vit_train --config cifar10_vit_small --data-dir "$DATA_DIR" --device cuda --quiet --name "$NAME"
-    ${TIME_BUDGET:+--time-budget "$TIME_BUDGET"} "${TRAIN_FLAGS[@]}")
+    --time-budget "$TIME_BUDGET" ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"})
 say "- command: \`python -m vit_train ${command[*]:3}\`" "- data: CIFAR-10 in $DATA_DIR, $data_note"
+limit=$("$VPY" -c 'import sys; from vit_train.budget import budget_seconds; print(round(1.5 * budget_seconds(sys.argv[1]) + 600))' "$TIME_BUDGET" 2>>"$LOGS/run.log") || limit=7200
 started=$(date +%s.%N)
-"${command[@]}" >"$LOGS/run.log" 2>&1
+timeout "$limit" "${command[@]}" >"$LOGS/run.log" 2>&1
 status=$?
 seconds=$("$VPY" -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1])))' "$started" "$(date +%s.%N)")
 say "- wall time: $((seconds / 60)) min $((seconds % 60)) s"
@@ -236,6 +242,12 @@ print("- test accuracy by step: " + ", ".join(f"{r['step']}: {r['eval_accuracy']
 EOF
 fi
 ((status == 0)) || stage_failed "run" "$status" "$LOGS/run.log"
+if [[ -s runs/$NAME/metrics.jsonl ]]; then  # beside the bare step's MFU above: the loop's, data path included
+    timeout 300 "$VPY" -m vit_train.bench.model_step --device cuda --run "runs/$NAME" >"$LOGS/loop_mfu.log" 2>&1
+    status=$?
+    grep '^- the real training loop' "$LOGS/loop_mfu.log" >>"$REPORT"
+    ((status == 0)) || stage_failed "loop MFU" "$status" "$LOGS/loop_mfu.log"
+fi
 
 say "" "## Result" "" "${FAILED[*]:+Failed: ${FAILED[*]}.}${FAILED[*]:-Every stage passed.} Logs: $LOGS/"
 echo "gpu_check: ${FAILED[*]:+failed: ${FAILED[*]}; }report in $REPORT"

@@ -16,13 +16,20 @@
 #   MASTER_ADDR  the address of machine 0, reachable by all      (default 127.0.0.1)
 #   MASTER_PORT  a free TCP port on machine 0                    (default 29500)
 #   GPUS         GPUs per machine                                (default: all visible)
-# Interrupted (Ctrl-C, SIGTERM from a scheduler)? Every process finishes its step, rank 0 saves last.pt; resume
-#   with the same command plus --resume runs/<name>.
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives its processes to stop after SIGTERM before it kills them
+#                (default 300; torchrun's own is 30, which a save of a large checkpoint can overrun)
+# Interrupted (Ctrl-C, SIGTERM from a scheduler)? The processes agree to stop at the next log step (every
+#   --set log_every steps; 50 by default), rank 0 saves last.pt; resume with the same command plus
+#   --resume runs/<name>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
-exec torchrun \
+SHUTDOWN=()  # where this torchrun has the flag (older ones stop their processes after 30 s)
+if torchrun --help 2>/dev/null | grep -q -- '--shutdown[-_]timeout'; then
+    SHUTDOWN=(--shutdown_timeout "${SHUTDOWN_TIMEOUT:-300}")
+fi
+exec torchrun ${SHUTDOWN[@]+"${SHUTDOWN[@]}"} \
     --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$GPUS" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
     -m vit_train --model ViT-B_16 --dataset cifar10 "$@"

@@ -23,6 +23,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_cache(tmp_path_factory):
+    """The weights and decoded-folder cache in a folder of the tests' own, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VIT_TRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """mount(size) -> a folder that is a real tmpfs of `size` ("256k", "1m"), unmounted after the test; the test is

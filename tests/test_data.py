@@ -373,9 +373,42 @@ def test_imagefolder_loaders(tmp_path):
 def test_unreadable_image_is_one_line_error_from_a_worker(tmp_path):
     write_image_folder(tmp_path, per_class_train=1)
     (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not a png")
-    built = loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=1), batch_size=3)
+    built = loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=1, folder_in_memory=False),
+                    batch_size=3)
     one_line_error(lambda: epoch(built.train), "broken.png")
+    # decoded in memory, the same image is the same one line, before any batch
+    one_line_error(lambda: loaders(config(name="imagefolder", data_dir=str(tmp_path)), batch_size=3), "broken.png")
 
 
 def test_imagefolder_without_train_folder(tmp_path):
     one_line_error(lambda: loaders(config(name="imagefolder", data_dir=str(tmp_path))), "train", str(tmp_path))
+
+
+def test_a_folder_that_fits_is_decoded_once_cached_and_decoded_anew_when_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(1)
+    pixels = {}
+    for split, count in (("train", 8), ("val", 4)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels[split, cls, i] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels[split, cls, i]).save(root / split / cls / f"{i}.png")
+    cfg = config(name="imagefolder", data_dir=str(root), crop_padding=0, hflip=False)
+    first = loaders(cfg, batch_size=4, eval_batch_size=8)
+    assert first.note.startswith("decoded 24 images in ") and "cached in" in first.note
+    # at the image's own size the pixels are the files' exactly: the same data CIFAR's arrays would be
+    stored = first.test.source.images
+    assert torch.equal(stored[0], torch.from_numpy(pixels["val", "cat", 0]).permute(2, 0, 1))
+    assert torch.equal(stored[4], torch.from_numpy(pixels["val", "dog", 0]).permute(2, 0, 1))
+    again = loaders(cfg, batch_size=4, eval_batch_size=8)
+    assert again.note.startswith("decoded images from ") and torch.equal(again.train.source.images,
+                                                                      first.train.source.images)
+    Image.fromarray(pixels["train", "cat", 0][::-1].copy()).save(root / "train" / "cat" / "0.png")  # changed
+    changed = loaders(cfg, batch_size=4, eval_batch_size=8)
+    assert changed.note.startswith("decoded 24 images in ")
+    assert not torch.equal(changed.train.source.images, first.train.source.images)
+    assert len(list((tmp_path / "cache" / "folders").glob("*.npz"))) == 2
+    larger = loaders(cfg, img_size=48, batch_size=4, eval_batch_size=8)  # another size: decoded for it
+    assert larger.train.source.images.shape[-2:] == (48, 48) and larger.note.startswith("decoded 24 images")

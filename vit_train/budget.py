@@ -34,23 +34,26 @@ def budget_seconds(text) -> float:
     return seconds
 
 
-def time_train_steps(step_fn, batches, warmup: int, timed: int, clock) -> float:
-    """Mean seconds of `timed` steps, the batch's gathering and augmentation included, after `warmup` untimed
-    ones (first steps allocate and warm caches). The mean, not the median: the run's length is a sum."""
+def time_train_steps(step_fn, batches, warmup: int, timed: int, clock) -> tuple:
+    """(mean seconds of `timed` steps, the batch's gathering and augmentation included, seconds of the `warmup`
+    untimed ones before them: first steps compile, allocate and warm caches). The mean, not the median: the
+    run's length is a sum."""
+    started = clock()
     for _ in range(warmup):
         float(step_fn(*next(batches)))
-    started = clock()
+    warmed = clock()
     for _ in range(timed):
         loss = step_fn(*next(batches))
     float(loss)  # wait for the device
-    return (clock() - started) / timed
+    return (clock() - warmed) / timed, warmed - started
 
 
-def time_eval_batches(model, test_loader, device, precision, clock, batches: int = 2) -> float:
-    """Seconds per test batch of a full evaluation pass, from its first `batches` batches."""
+def time_eval_batches(model, test_loader, device, precision, clock, batches: int = 2) -> tuple:
+    """(seconds per test batch of a full evaluation pass, from the `batches` batches after the first; seconds of
+    the first, which compiles and warms up: timed alone only when it is the only one)."""
     evaluated = eval_logits(model, test_loader, device, precision)
     started = clock()
-    next(evaluated)[0].sum().item()  # the first batch, warming up; timed only when it is the only one
+    next(evaluated)[0].sum().item()
     first_seconds, count = clock() - started, 0
     started = clock()
     for logits, _ in evaluated:
@@ -59,7 +62,7 @@ def time_eval_batches(model, test_loader, device, precision, clock, batches: int
         if count == batches:
             break
     evaluated.close()
-    return (clock() - started) / count if count else first_seconds
+    return ((clock() - started) / count if count else first_seconds), first_seconds
 
 
 def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_every, save_every, done=0) -> int:
@@ -113,14 +116,15 @@ class Calibration:
         return plan.lengthened(step + max(more, 1), step), slowdown
 
 
-def calibrate(config, state, step_fn, batches, test_loader, precision, started, clock) -> tuple:
+def calibrate(config, state, step_fn, batches, eval_model, test_loader, precision, started, clock) -> tuple:
     """(the run's Plan, the Calibration, what was measured in words) for a --time-budget run: the number of steps
     that makes it end within its budget, counted from `started`.
 
     A few real training steps and test batches are timed, then undone (the run state restored: weights,
     optimizer, loss scaler, EMA and random generators), so the run starts exactly as the run `--steps N` would:
-    the calibration costs a few percent of the budget and changes nothing else. Every process plans alike: rank
-    0's figures are used by all.
+    the calibration costs a few percent of the budget and changes nothing else. The models timed are the run's
+    own (compiled with --compile, each shape compiled by an untimed first step or batch, whose time is stated).
+    Every process plans alike: rank 0's figures are used by all.
     """
     snapshot = copy.deepcopy(state.state_dict())
     budget, world_size = budget_seconds(config.time_budget), state.world_size
@@ -132,7 +136,7 @@ def calibrate(config, state, step_fn, batches, test_loader, precision, started, 
             raise UserError(f"the time budget {config.time_budget} is too short for this run: {what} takes "
                             f"{seconds:.0f} s before any training; give a longer --time-budget")
 
-    first = time_train_steps(step_fn, batches, warmup=1, timed=1, clock=clock)
+    first, warmup_seconds = time_train_steps(step_fn, batches, warmup=1, timed=1, clock=clock)
     first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
     # The sides the run trains at, in the proportion its plan gives them (any length will do for the shares).
@@ -141,9 +145,11 @@ def calibrate(config, state, step_fn, batches, test_loader, precision, started, 
                          (timed + 1) * len(shares) * first)
     seconds_at = {}
     for size in shares:
-        seconds_at[size] = time_train_steps(lambda x, y: step_fn(x, y, size), batches, warmup=1, timed=timed,
-                                            clock=clock)
-    eval_seconds = time_eval_batches(state.model, test_loader, state.device, precision, clock) * len(test_loader)
+        seconds_at[size], warmed = time_train_steps(lambda x, y: step_fn(x, y, size), batches, warmup=1,
+                                                    timed=timed, clock=clock)
+        warmup_seconds += warmed
+    batch_seconds, first_batch_seconds = time_eval_batches(eval_model, test_loader, state.device, precision, clock)
+    eval_seconds, warmup_seconds = batch_seconds * len(test_loader), warmup_seconds + first_batch_seconds
     refuse_beyond_budget(f"start-up, timing steps and one evaluation ({eval_seconds:.0f} s)", eval_seconds)
     save_started = clock()  # the optimizer now holds its moments, as in the run's checkpoints
     torch.save(state.state_dict(), io.BytesIO())
@@ -164,4 +170,6 @@ def calibrate(config, state, step_fn, batches, test_loader, precision, started, 
                         f"({clock() - started:.0f} s) and one evaluation ({calibration.eval_seconds:.0f} s); "
                         "give a longer --time-budget")
     measured = f"measured: {step_seconds:.3f} s a step, {calibration.eval_seconds:.1f} s an evaluation"
+    if config.compile:
+        measured += f"; compiling took {warmup_seconds:.0f} s of the budget"
     return Plan.from_config(config, state.steps_per_epoch, total_steps=steps), calibration, measured

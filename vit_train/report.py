@@ -112,7 +112,7 @@ class RunLog:
         else:
             print(text, flush=True)
 
-    def start(self, config, state, precision, calibration=None, seconds_left=None):
+    def start(self, config, state, precision, note, calibration=None, seconds_left=None):
         """The run's first lines: what trains on what, warnings about the plan, and how long it will take."""
         grid = state.model.grid_size  # patches per side (the hybrid's ResNet stem downsamples first)
         parameters = sum(p.numel() for p in state.model.parameters()) / 1e6
@@ -120,6 +120,8 @@ class RunLog:
                    f"images) on {config.data.name}: {state.steps_per_epoch} steps per epoch of batch "
                    f"{config.batch_size} (processes: {state.world_size}, micro-batches: {config.grad_accum}); "
                    f"{state.device}, {precision}; run dir {self.writer.log_dir}")
+        if note:
+            self.print(f"data: {note}")
         if warning := slow_precision_warning(precision, state.device):
             self.print(f"warning: {warning}")
         plan = state.plan

@@ -1,6 +1,7 @@
 """What every layer above needs to run somewhere: the device, the numeric precision and autocast, the process
 group under torchrun, and seeding. Nothing here knows about models, data or configs."""
 import contextlib
+import functools
 import os
 import random
 
@@ -126,3 +127,25 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # and every GPU's generator
     np.random.seed(seed)
     random.seed(seed)
+
+
+@functools.lru_cache(maxsize=None)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small constant tensor made once per device and dtype. Built from Python data at every step instead, it
+    would be a copy from pageable host memory, for which the host waits on the GPU's queue. Never change it."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A numpy array on `device` without making the host wait: on a GPU through pinned memory, non-blocking (the
+    pinned buffer is kept until the copy is done by torch's caching host allocator)."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: on a GPU, in torch's CPU allocator, or in Python's."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))

@@ -30,7 +30,8 @@ from vit_train.models import VisionTransformer
 from vit_train.optim import Plan, WeightEMA, build_optimizer
 from vit_train.pretrained import load_pretrained
 from vit_train.report import ESTIMATE_AFTER_STEPS, RunLog, duration_line, flatten
-from vit_train.runtime import all_ranks, autocast, distributed, local_leader_first, resolve_precision, seed_everything
+from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, out_of_memory, resolve_precision,
+                               seed_everything)
 from vit_train.state import RunState
 
 
@@ -124,20 +125,23 @@ class StopSignals:
 
 def agreed_signal(received, world_size, device):
     """The signal number any process received, or 0. Processes must stop at the same step: one that went on
-    alone would wait forever for the others at its next gradient all-reduce."""
+    alone would wait forever for the others at its next gradient all-reduce. Agreeing is a collective the host
+    waits for, so under torchrun the loop asks only at its log, evaluation and save points."""
     signum = received[0] if received else 0
     if world_size > 1:
-        flag = torch.tensor(signum, device=device)
+        flag = torch.full((), signum, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag.item())
     return signum
 
 
 def window_losses(window, world_size):
-    """The per-step losses of a log window as floats, averaged across processes (one GPU sync per window)."""
+    """The per-step losses of a log window as floats, averaged across processes (one GPU sync per window). A sum
+    divided here, not ReduceOp.AVG, which gloo has only since torch 2.7."""
     losses = torch.stack(window).float()
     if world_size > 1:
-        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+        dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+        losses /= world_size
     return losses.tolist()
 
 
@@ -237,7 +241,8 @@ def build_run(config, rank, world_size, device) -> Run:
         notes = load_pretrained(model, config.pretrained)
         if rank == 0:
             print(f"loaded {config.pretrained}" + "".join(f"; {note}" for note in notes))
-    eval_model = train_model = torch.compile(model) if config.compile else model
+    # Static shapes: each image side (and evaluation) compiles once, rather than once more as a dynamic graph.
+    eval_model = train_model = torch.compile(model, dynamic=False) if config.compile else model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(eval_model, device_ids=device_ids)  # copies rank 0's weights
@@ -267,21 +272,22 @@ def train(config, clock=time.perf_counter):
     started = clock()
     with distributed(config.device) as (rank, world_size, device), StopSignals(announce=rank == 0) as stops, \
             contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(memory_advice(config, device, world_size))  # the last to see an error: the outermost
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
         run = build_run(config, rank, world_size, device)
         state = run.state
         calibration = measured = None
         if state.plan is None:
             state.plan, calibration, measured = budget.calibrate(
-                config, state, run.step, train_batches(run.loaders.train, 0), run.loaders.test, run.precision,
-                started, clock)
-        stops.plan = lambda: f"finishing step {state.step + 1}, then saving {run.run_dir / 'last.pt'}"
+                config, state, run.step, train_batches(run.loaders.train, 0), run.eval_model, run.loaders.test,
+                run.precision, started, clock)
+        stops.plan = lambda: f"{stopping_at(state, config, world_size)}, then saving {run.run_dir / 'last.pt'}"
         if rank == 0:
             cleanup.enter_context(owned_folder(run.run_dir, resuming=bool(config.resume)))
             run.write_config()
             # closed also when the run fails: TensorBoard flushed, the progress bar ended
             run.log = cleanup.enter_context(RunLog(run.run_dir, config.quiet, state.step, state.plan.total_steps))
-            run.log.start(config, state, run.precision, measured,
+            run.log.start(config, state, run.precision, run.loaders.note, measured,
                           calibration and calibration.budget - (clock() - started))
 
         train_loss = images_per_sec = None
@@ -297,17 +303,25 @@ def train(config, clock=time.perf_counter):
             state.step += 1
             if run.log:
                 run.log.step()
-            if state.step == first_step + ESTIMATE_AFTER_STEPS and not calibration:
-                announce_duration(run, window[-1], (clock() - loop_started) / ESTIMATE_AFTER_STEPS)
+            if state.step == first_step + 1:  # the first step compiles (--compile), allocates, warms caches
+                float(window[-1])  # wait for the device: it is done
+                estimate_from = clock()
+                if config.compile and run.log:
+                    run.log.print(f"compiled: the first step took {estimate_from - loop_started:.1f} s")
+            if state.step == first_step + 1 + ESTIMATE_AFTER_STEPS and not calibration:
+                announce_duration(run, window[-1], (clock() - estimate_from) / ESTIMATE_AFTER_STEPS)
             if state.step == replan_at:
                 float(window[-1])  # wait for the device: the steps so far are done
                 replan(run, calibration, seconds_left=calibration.budget - (clock() - started),
                        seconds_trained=clock() - loop_started - paused, first_step=first_step)
-            signum = agreed_signal(stops.received, world_size, device)
             at_end = state.step == state.plan.total_steps
             at_eval = at_end or (config.eval_every and state.step % config.eval_every == 0)
-            at_save = at_end or signum or (config.save_every and state.step % config.save_every == 0)
-            if not (at_eval or at_save or state.step % config.log_every == 0):
+            at_save = at_end or (config.save_every and state.step % config.save_every == 0)
+            at_log = at_eval or at_save or state.step % config.log_every == 0
+            if at_log or world_size == 1:
+                signum = agreed_signal(stops.received, world_size, device)
+                at_save = at_save or signum
+            if not (at_log or signum):
                 continue
 
             train_loss, images_per_sec = run.end_window(window, clock() - window_start, lr)
@@ -330,6 +344,31 @@ def train(config, clock=time.perf_counter):
                               f"{run.run_dir / 'last.pt'}. Resume with: vit-train --resume {run.run_dir}")
             run.log.finish(flatten(state.recorded_config()), final, state.plan.total_steps, state.ema is not None)
         return final
+
+
+def stopping_at(state, config, world_size):
+    """Which step a run stops after when a signal comes now: the next one, or under torchrun at the latest the
+    next log step, where the processes agree on it (agreed_signal)."""
+    if world_size == 1:
+        return f"finishing step {state.step + 1}"
+    agreed = min((state.step // config.log_every + 1) * config.log_every, state.plan.total_steps)
+    return f"finishing the steps to step {agreed} at the latest"
+
+
+@contextlib.contextmanager
+def memory_advice(config, device, world_size):
+    """Memory exhausted, on the GPU or the CPU, ends in one line saying what to change rather than a traceback
+    (checkpoints are written atomically, so the last one is whole)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors are RuntimeErrors
+        if not out_of_memory(error):
+            raise
+        what = f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"
+        micro = config.batch_size // world_size // config.grad_accum
+        raise UserError(f"out of {what} at batch size {config.batch_size} ({config.grad_accum} micro-batches of "
+                        f"{micro} per process and step); give --grad-accum {2 * config.grad_accum} for the same step "
+                        f"in half the memory, or a smaller --batch-size. Checkpoints are as last saved") from None
 
 
 def announce_duration(run, last_loss, seconds_per_step):

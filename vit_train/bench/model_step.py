@@ -15,8 +15,10 @@ come with the `test` extra; where one is missing, its implementation is skipped.
 """
 import argparse
 import ast
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import ml_collections
@@ -188,6 +190,24 @@ def run_case(case: Case, batch_size: int, args, device: torch.device, peak) -> d
             "mfu": {impl: achieved[impl] / peak_rate for impl in rate}, "peak": peak_text}
 
 
+def loop_mfu(run_dir, device: torch.device, peak) -> str:
+    """One Markdown line for a finished vit-train run: the images/s of its last logged window (the real loop: data
+    gathered and augmented on the device, logging, EMA) and its MFU, with the FLOPs per training image counted on
+    one step of its own model in training mode (patch dropout and all), in its precision."""
+    run_dir = Path(run_dir)
+    config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    model = VisionTransformer(config.model, config.img_size, config.num_classes).to(device).train()
+    images = torch.randn(8, 3, config.img_size, config.img_size, device=device)
+    labels = torch.randint(0, config.num_classes, (8,), device=device)
+    precision = "bf16" if device.type == "cuda" and config.precision in ("auto", "bf16") else "fp32"
+    flops_per_image = step_flops(make_step(model, call_model, images, labels, precision)) / 8
+    achieved = last["images_per_sec"] * flops_per_image
+    return (f"- the real training loop (step {last['step']}): {last['images_per_sec']:,.0f} img/s, "
+            f"{flops_per_image / 1e9:.3f} GFLOP per image, {achieved / 1e12:.2f} TFLOP/s = MFU {achieved / peak[0]:.1%}"
+            f" of {peak[1]}")
+
+
 def markdown_table(rows: list) -> str:
     """The figures of the cases run, one row each; a peer that was not installed shows as '-'."""
     def cell(row, key, impl, spec):
@@ -221,6 +241,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--markdown", action="store_true", help="end with the figures as a Markdown table")
+    parser.add_argument("--run", metavar="RUN_DIR", help="instead: the images/s and MFU of a finished vit-train "
+                        "run's training loop, from its last logged window (a GPU's peak; on the CPU the GEMM rate)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -233,6 +255,10 @@ def main(argv=None):
               f"CUDA {torch.version.cuda}")
     else:
         print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    if args.run:
+        print(loop_mfu(args.run, device, peak or (gemm_flops_per_second(device, args.gemm_dtype),
+                                                  "the GEMM rate measured here")))
+        return
     if args.model:
         overrides = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.override)}
         label = f"{args.model} {overrides}" if overrides else args.model

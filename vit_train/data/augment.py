@@ -19,12 +19,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from vit_train.errors import UserError
+from vit_train.runtime import device_constant, to_device
 
 PADDING_MODES = ("reflect", "zeros")
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def random_crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int,
@@ -73,7 +70,7 @@ def affine_resample(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tenso
     xs = torch.linspace((1 - w) * 0.5, (w - 1) * 0.5, w, device=device)
     ys = torch.linspace((1 - h) * 0.5, (h - 1) * 0.5, h, device=device)
     pixels = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=device)], dim=-1)
-    theta = matrices.reshape(n, 2, 3).transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=device)
+    theta = matrices.reshape(n, 2, 3).transpose(1, 2) / device_constant((0.5 * w, 0.5 * h), device)
     grid = pixels.view(1, h * w, 3).expand(n, h * w, 3).bmm(theta).view(n, h, w, 2)
     return F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
                          align_corners=False).to(torch.uint8)
@@ -113,7 +110,7 @@ def sharpness(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     border pixels, which the smoothing does not reach, keep their values."""
     c = images.shape[1]
     a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(c, 1, 3, 3)
+    kernel = device_constant(((a, a, a), (a, b, a), (a, a, a)), images.device).expand(c, 1, 3, 3)
     x = images.float()
     smoothed = F.conv2d(x, kernel, groups=c).round_()
     step = F.pad(smoothed - x[:, :, 1:-1, 1:-1], (1, 1, 1, 1))  # towards the smoothed pixel; 0 on the border

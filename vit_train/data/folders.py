@@ -1,18 +1,34 @@
-"""Image folders (root/train/<class>/*, root/val/<class>/*): too large for memory, so DataLoader workers decode
-and augment them on the host and hand uint8 batches to the device."""
+"""Image folders (root/train/<class>/*, root/val/<class>/*).
+
+A folder whose images, decoded at the run's image size, fit in IN_MEMORY_BYTES is decoded once into uint8 arrays,
+cached in the weights cache folder under a key of the folder's contents (every file's path, size and modification
+time) and the image size, and from then on takes CIFAR's path: held on the device, augmented there per batch. A
+changed folder has another key and is decoded anew. Larger folders go through DataLoader workers, which decode and
+augment on the host and hand uint8 batches to the device.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
+from vit_train.checkpoint import write_atomically
 from vit_train.data.augment import AUGMENT_POLICIES
+from vit_train.data.cifar import ImageArrays
 from vit_train.errors import UserError
+from vit_train.hub import cache_dir
+
+# Decoded pixels up to this size are held in memory (and on the device) rather than read by workers every epoch.
+IN_MEMORY_BYTES = 4 * 2**30
+FOLDER_CACHE_VERSION = 1  # part of the cache key: a change in how images are decoded makes new files
 
 class FolderSource:
     """An ImageFolder whose transform returns uint8 tensors; DataLoader workers decode and augment on the host."""
@@ -53,27 +69,75 @@ def image_folder(root: Path, transform) -> torchvision.datasets.ImageFolder:
         raise UserError(f"{root} is not an image folder ({err}); expected {root}/<class>/<image files>") from None
 
 
+def split_folders(data_cfg) -> tuple[Path, Path]:
+    root = Path(data_cfg.data_dir)
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise UserError(f"{root} needs train/<class>/* and val/<class>/* (or test/<class>/*) folders for "
+                        "data.name=imagefolder; point data.data_dir at such a tree")
+    return root / "train", test_dir
+
+
+def decoded_folder(data_cfg, img_size: int) -> Optional[tuple[ImageArrays, ImageArrays, list[str], str]]:
+    """(train, test, class names, what was done) of an image folder decoded at img_size x img_size (the shorter
+    side resized to img_size, the centre cropped), from the cache when it holds this folder as it is now; None
+    for a folder too large for memory."""
+    train_dir, test_dir = split_folders(data_cfg)
+    train, test = image_folder(train_dir, None), image_folder(test_dir, None)
+    if test.classes != train.classes:
+        raise UserError(f"{test_dir} and {train_dir} hold different class folders; give them the same ones")
+    if (len(train) + len(test)) * 3 * img_size**2 > IN_MEMORY_BYTES:
+        return None
+    key = hashlib.sha256(f"{FOLDER_CACHE_VERSION} {img_size}".encode())
+    for path, label in train.samples + test.samples:
+        stat = Path(path).stat()
+        key.update(f"\n{path} {label} {stat.st_size} {stat.st_mtime_ns}".encode())
+    cached = cache_dir() / "folders" / f"{key.hexdigest()[:32]}.npz"
+    if cached.is_file():
+        with np.load(cached, allow_pickle=False) as arrays:
+            splits = [ImageArrays(torch.from_numpy(arrays[f"{split}_images"]), torch.from_numpy(arrays[f"{split}_labels"]))
+                      for split in ("train", "test")]
+        return (*splits, train.classes, f"decoded images from {cached}")
+    started = time.perf_counter()
+    splits = [decode_split(dataset, img_size) for dataset in (train, test)]
+    seconds = time.perf_counter() - started
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f"{name}_{part}": array.numpy() for name, split in zip(("train", "test"), splits)
+                            for part, array in (("images", split.images), ("labels", split.labels))})
+        write_atomically(cached, lambda f: f.write(buffer.getbuffer()))
+        where = f"cached in {cached}"
+    except (OSError, UserError) as error:  # an unwritable cache costs the next run a decode, nothing more
+        where = f"not cached ({error})"
+    return (*splits, train.classes, f"decoded {len(train) + len(test)} images in {seconds:.0f} s, {where}")
+
+
+def decode_split(dataset: torchvision.datasets.ImageFolder, img_size: int) -> ImageArrays:
+    images = np.empty((len(dataset), 3, img_size, img_size), np.uint8)
+    for i, (path, _) in enumerate(dataset.samples):
+        square = ImageOps.fit(load_rgb(path), (img_size, img_size), Image.BICUBIC)
+        images[i] = np.asarray(square).transpose(2, 0, 1)
+    return ImageArrays(torch.from_numpy(images), torch.tensor(dataset.targets, dtype=torch.int64))
+
+
 def folder_sources(data_cfg, img_size: int, device: torch.device) -> tuple[FolderSource, FolderSource, list[str]]:
     """root/train/<class>/* for training and root/val (or root/test)/<class>/* for evaluation, as uint8 tensors.
 
     Training images get a random-resized crop and a flip (and the auto-augment policy, per image); evaluation
     images are resized to img_size / 0.875 and centre-cropped, the usual ImageNet evaluation.
     """
-    root = Path(data_cfg.data_dir)
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise UserError(f"{root} needs train/<class>/* and val/<class>/* (or test/<class>/*) folders for "
-                        "data.name=imagefolder; point data.data_dir at such a tree")
+    train_dir, test_dir = split_folders(data_cfg)
     train_steps = [v2.ToImage(), v2.RandomResizedCrop(img_size, antialias=True)]
     if data_cfg.hflip:
         train_steps.append(v2.RandomHorizontalFlip())
     if data_cfg.auto_augment != "none":
         train_steps.append(AUGMENT_POLICIES[data_cfg.auto_augment].per_image_transform())
-    train = image_folder(root / "train", v2.Compose(train_steps))
+    train = image_folder(train_dir, v2.Compose(train_steps))
     test = image_folder(test_dir, v2.Compose([v2.ToImage(), v2.Resize(round(img_size / 0.875), antialias=True),
                                               v2.CenterCrop(img_size)]))
     if test.classes != train.classes:
-        raise UserError(f"{test_dir} and {root / 'train'} hold different class folders; give them the same ones")
+        raise UserError(f"{test_dir} and {train_dir} hold different class folders; give them the same ones")
     workers = data_cfg.num_workers
     return FolderSource(train, workers, device), FolderSource(test, workers, device), train.classes
 

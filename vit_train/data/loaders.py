@@ -34,11 +34,12 @@ import torch
 
 from vit_train.data.augment import AUGMENT_POLICIES, PADDING_MODES, DeviceAugmentation, RandomErasing
 from vit_train.data.cifar import ImageArrays, load_cifar
-from vit_train.data.folders import folder_sources
+from vit_train.data.folders import decoded_folder, folder_sources
 from vit_train.data.mixing import LabelMixing
 from vit_train.data.normalize import NORMALIZATIONS, preprocess_images
 from vit_train.data.synthetic import make_synthetic
 from vit_train.errors import UserError
+from vit_train.runtime import to_device
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 
@@ -59,6 +60,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         "repeated_augmentation": 0,   # > 1: each image appears this many times in a row, augmented differently
         "normalize": "dataset",       # 'dataset' (its mean/std) | 'inception' (mean = std = 0.5)
         "num_workers": 2,             # DataLoader workers, imagefolder only
+        "folder_in_memory": True,     # imagefolder: decode once and hold on the device when it fits (augmented as
+                                      # CIFAR is); False: always DataLoader workers (RandomResizedCrop per image)
         "synthetic_train_size": 2048,
         "synthetic_test_size": 512,
         "synthetic_num_classes": 10,
@@ -95,7 +98,7 @@ class TensorSource:
     def fetch(self, index_batches: list[np.ndarray], worker_seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches' images and labels, gathered on the device (worker_seed: nothing here is random)."""
         for indices in index_batches:
-            rows = torch.from_numpy(indices).to(self.labels.device, non_blocking=True)
+            rows = to_device(indices, self.labels.device)
             yield self.images[rows], self.labels[rows]
 
 
@@ -180,6 +183,7 @@ class Loaders:
     test: EvalLoader
     num_classes: int
     class_names: list[str]
+    note: str = ""  # how the images were read, where that is worth saying (image folders)
 
 
 def check_data_config(data_cfg) -> None:
@@ -213,11 +217,13 @@ def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: 
         raise UserError(f"need img_size, batch sizes >= 1, seed >= 0 and 0 <= rank < world_size; got {img_size}, "
                         f"{batch_size}, {eval_batch_size}, {seed}, {rank}, {world_size}")
     device = torch.device(device)
-    if data_cfg.name == "imagefolder":
+    in_memory_folder = data_cfg.name == "imagefolder" and data_cfg.get("folder_in_memory", True)
+    decoded = decoded_folder(data_cfg, img_size) if in_memory_folder else None
+    if data_cfg.name == "imagefolder" and decoded is None:  # too large for memory
         train_source, test_source, class_names = folder_sources(data_cfg, img_size, device)
-        augmentation = None  # done per image by the workers
+        augmentation, note = None, "read by DataLoader workers"  # decoded and augmented per image by the workers
     else:
-        train, test, class_names = load_in_memory(data_cfg)
+        train, test, class_names, note = decoded or (*load_in_memory(data_cfg), "")
         train_source, test_source = TensorSource(train, device), TensorSource(test, device)
         augmentation = DeviceAugmentation(data_cfg, image_size=train.images.shape[-1])
     mixing = None
@@ -229,7 +235,7 @@ def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: 
                           world_size=world_size, augmentation=augmentation, mixing=mixing, erasing=erasing),
         test=EvalLoader(test_source, data_cfg, img_size=img_size, batch_size=eval_batch_size, rank=rank,
                         world_size=world_size),
-        num_classes=len(class_names), class_names=class_names)
+        num_classes=len(class_names), class_names=class_names, note=note)
     if len(loaders.train) == 0:
         raise UserError(f"a global batch of {batch_size * world_size} (batch size {batch_size} x {world_size} "
                         f"ranks) is larger than the {len(train_source)} training images; lower the batch size")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vit_train.runtime import device_constant
+
 NORMALIZATIONS = ("dataset", "inception")
 
 # Per-channel mean and std of each dataset's training images, on the 0..1 scale. Image folders get ImageNet's, the
@@ -30,7 +32,7 @@ def normalization(data_cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def preprocess_images(images: torch.Tensor, data_cfg, img_size: int) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> float32 (B, 3, img_size, img_size), normalised; resized bilinearly if needed."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) * 255 for v in normalization(data_cfg))
+    mean, std = (device_constant(v, images.device).view(1, 3, 1, 1) * 255 for v in normalization(data_cfg))
     x = images.to(torch.float32, copy=True).sub_(mean).div_(std)  # the copy keeps a float input from changing
     # Normalising first is exact (bilinear weights sum to 1) and cheaper when upsampling 32 px to 224 or 384.
     return resize_images(x, img_size)
