@@ -164,7 +164,7 @@ fi
 # rather than stopping the CUDA tests.
 say "" "## Tests marked cuda: \`pytest -m cuda\`" ""
 junit=$(mktemp) || exit 1
-timeout 1800 "$VPY" -m pytest -m cuda -q -rA --continue-on-collection-errors --junitxml="$junit" \
+timeout -k 60 1800 "$VPY" -m pytest -m cuda -q -rA --continue-on-collection-errors --junitxml="$junit" \
     >"$LOGS/tests.log" 2>&1
 status=$?
 if [[ -s $junit ]]; then
@@ -193,7 +193,7 @@ say "" "## Training-step speed: \`python -m vit_train.bench.model_step --device 
 say "One step: forward, backward, fused AdamW, bf16 autocast; medians of 5 rounds of 10 steps, the three" \
     "implementations in turn. MFU: the step's FLOPs (torch.utils.flop_counter) per second over the peak named." ""
 for case in vit-b16-32 small-vit-32 vit-b16-224; do
-    timeout 900 "$VPY" -m vit_train.bench.model_step --device cuda --precision bf16 --case "$case" --repeats 5 \
+    timeout -k 60 900 "$VPY" -m vit_train.bench.model_step --device cuda --precision bf16 --case "$case" --repeats 5 \
         --steps 10 --markdown >"$LOGS/speed_$case.log" 2>&1
     status=$?
     ((status == 0)) || FAILED_SPEED+=("$case:$status")
@@ -225,7 +225,7 @@ command=("$VPY" -m vit_train --config cifar10_vit_small --data-dir "$DATA_DIR" -
 say "- command: \`python -m vit_train ${command[*]:3}\`" "- data: CIFAR-10 in $DATA_DIR, $data_note"
 limit=$("$VPY" -c 'import sys; from vit_train.budget import budget_seconds; print(round(1.5 * budget_seconds(sys.argv[1]) + 600))' "$TIME_BUDGET" 2>>"$LOGS/run.log") || limit=7200
 started=$(date +%s.%N)
-timeout "$limit" "${command[@]}" >"$LOGS/run.log" 2>&1
+timeout -k 120 "$limit" "${command[@]}" >"$LOGS/run.log" 2>&1  # -k: vit-train saves on SIGTERM
 status=$?
 seconds=$("$VPY" -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1])))' "$started" "$(date +%s.%N)")
 say "- wall time: $((seconds / 60)) min $((seconds % 60)) s"
@@ -243,7 +243,7 @@ EOF
 fi
 ((status == 0)) || stage_failed "run" "$status" "$LOGS/run.log"
 if [[ -s runs/$NAME/metrics.jsonl ]]; then  # beside the bare step's MFU above: the loop's, data path included
-    timeout 300 "$VPY" -m vit_train.bench.model_step --device cuda --run "runs/$NAME" >"$LOGS/loop_mfu.log" 2>&1
+    timeout -k 30 300 "$VPY" -m vit_train.bench.model_step --device cuda --run "runs/$NAME" >"$LOGS/loop_mfu.log" 2>&1
     status=$?
     grep '^- the real training loop' "$LOGS/loop_mfu.log" >>"$REPORT"
     ((status == 0)) || stage_failed "loop MFU" "$status" "$LOGS/loop_mfu.log"

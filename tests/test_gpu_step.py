@@ -153,7 +153,7 @@ def test_memory_exhausted_on_the_cpu_is_one_line_and_keeps_the_last_checkpoint(t
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: out of memory on the CPU at batch size 32768 (1 micro-batches of 32768 "
-                                  "per process and step); give --grad-accum 2"), done.stderr
+                                  "per process and step, evaluation batches of 512); give --grad-accum 2 "), done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 

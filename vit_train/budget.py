@@ -69,12 +69,21 @@ def budget_steps(seconds_left, step_seconds, eval_seconds, save_seconds, eval_ev
     """The most optimizer steps after the first `done` whose training, evaluations (every eval_every steps and at
     the end) and saves (every save_every steps and at the end) fit in seconds_left."""
     def cost(steps):
-        evals = 1 + ((done + steps) // eval_every - done // eval_every if eval_every else 0)
-        saves = 1 + ((done + steps) // save_every - done // save_every if save_every else 0)
+        evals, saves = pauses(steps, done, eval_every, save_every)
         return steps * step_seconds + evals * eval_seconds + saves * save_seconds
+    return most_steps(seconds_left, cost, upper=int(seconds_left / step_seconds))
 
-    # The cost only grows with the steps: the largest that fits, by bisection between none and all-training.
-    fits, too_many = 0, max(int(seconds_left / step_seconds), 0) + 1
+
+def pauses(steps, done, eval_every, save_every) -> tuple:
+    """(evaluations, saves) of steps done..done+steps-1, the final ones included."""
+    evals = 1 + ((done + steps) // eval_every - done // eval_every if eval_every else 0)
+    saves = 1 + ((done + steps) // save_every - done // save_every if save_every else 0)
+    return evals, saves
+
+
+def most_steps(seconds_left, cost, upper) -> int:
+    """The largest n in 0..upper with cost(n) <= seconds_left (0 when none), cost growing with n: by bisection."""
+    fits, too_many = 0, max(upper, 0) + 1
     while too_many - fits > 1:
         middle = (fits + too_many) // 2
         fits, too_many = (middle, too_many) if cost(middle) <= seconds_left else (fits, middle)
@@ -97,7 +106,8 @@ class Calibration:
         """Seconds that steps first..last-1 of `plan` take at the calibrated speeds."""
         low = max(0, min(last, plan.low_res_steps) - first)
         high = last - first - low
-        return low * self.step_seconds.get(plan.low_res_size, 0.0) + high * self.step_seconds[plan.img_size]
+        return (low * self.step_seconds.get(plan.low_res_size, 0.0)
+                + high * self.step_seconds.get(plan.img_size, 0.0))
 
     def replan(self, plan, step, seconds_left, seconds_trained, first_step, eval_every, save_every) -> tuple:
         """(the plan with its new length, how many times slower than calibrated its steps ran), once steps
@@ -109,10 +119,14 @@ class Calibration:
         shows (on the 2-core CPU the recipes were measured on, 100-step windows ran between 0.8x and 1.2x their
         mean, and the calibration missed the run's mean by up to 25%); a fifth of the run measures it well."""
         slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
-        to_come = max(plan.total_steps - step, 1)
-        step_seconds = slowdown * self.calibrated_seconds(plan, step, step + to_come) / to_come
-        more = budget_steps(seconds_left - self.reserve(0.06), step_seconds, self.eval_seconds, self.save_seconds,
-                            eval_every, save_every, done=step)
+
+        def cost(more):  # the steps as the lengthened plan has them (a longer run adds full-resolution steps)
+            evals, saves = pauses(more, step, eval_every, save_every)
+            return (slowdown * self.calibrated_seconds(plan.lengthened(step + more, step), step, step + more)
+                    + evals * self.eval_seconds + saves * self.save_seconds)
+        seconds = seconds_left - self.reserve(0.06)
+        fastest = slowdown * min(self.step_seconds.values())
+        more = most_steps(seconds, cost, upper=int(seconds / fastest) if fastest > 0 else 0)
         return plan.lengthened(step + max(more, 1), step), slowdown
 
 
@@ -130,8 +144,10 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
     budget, world_size = budget_seconds(config.time_budget), state.world_size
 
     def refuse_beyond_budget(what, seconds_more):
-        """The calibration itself must fit in the budget: refuse as soon as it is clear that it cannot."""
-        seconds = all_ranks(clock() - started, world_size)[0] + seconds_more  # rank 0's clock decides for all
+        """The calibration itself must fit in the budget: refuse as soon as it is clear that it cannot (on rank 0's
+        figures, so that every process decides alike)."""
+        spent, seconds_more = all_ranks((clock() - started, seconds_more), world_size)[0]
+        seconds = spent + seconds_more
         if seconds > budget:
             raise UserError(f"the time budget {config.time_budget} is too short for this run: {what} takes "
                             f"{seconds:.0f} s before any training; give a longer --time-budget")

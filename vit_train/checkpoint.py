@@ -85,11 +85,13 @@ def owned_folder(folder, resuming: bool):
     lock = open(folder / LOCK_FILE, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # another process holds it
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
         raise in_use(folder, holder) from None
+    except OSError:
+        pass  # a filesystem without locks (some network mounts): nothing can be held, the run goes on
     try:
         if (folder / "last.pt").exists() and not resuming:  # a run that ended while this one was starting
             raise UserError(f"{folder} already holds a run; continue it with --resume {folder} or choose another "
@@ -111,8 +113,10 @@ def check_not_in_use(folder):
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             raise in_use(folder, lock.read().strip() or "unknown") from None
+        except OSError:
+            pass  # a filesystem without locks: nothing is held there
 
 
 def in_use(folder, holder) -> UserError:

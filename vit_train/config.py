@@ -22,7 +22,7 @@ from ml_collections import config_dict
 
 from vit_train.budget import budget_seconds
 from vit_train.checkpoint import check_not_in_use, checkpoint_path, folder_write_error, load_checkpoint
-from vit_train.data import check_data_config, default_data_config
+from vit_train.data import check_data_config, default_data_config, saved_data_config
 from vit_train.errors import UserError, first_line
 from vit_train.hub import check_weights_source
 from vit_train.models import apply_overrides, get_config
@@ -206,7 +206,9 @@ def resumed_config(resume) -> ml_collections.ConfigDict:
     """The config saved in a checkpoint, pointed at it; the run continues in the checkpoint's directory."""
     path = checkpoint_path(resume)
     config = base_config()  # keys added since the checkpoint was written keep their defaults (features off)
-    config.update(load_checkpoint(path)["config"])
+    saved = load_checkpoint(path)["config"]
+    config.update(saved)
+    config.data = saved_data_config(saved["data"])
     config.output_dir, config.name, config.resume = str(path.parent.parent), path.parent.name, str(path)
     config.lock()
     return config
@@ -282,8 +284,9 @@ def validate(config):
         require(schedule.low_res_fraction == 0 and not schedule.low_res_steps,
                 "schedule.low_res_fraction and low_res_steps need schedule.low_res_size, the side to train at "
                 "first; set it too, or leave them at 0")
-    require(0 <= schedule.low_res_fraction <= 1,
-            f"schedule.low_res_fraction must be in [0, 1], got {schedule.low_res_fraction}")
+    require(0 <= schedule.low_res_fraction < 1,
+            f"schedule.low_res_fraction must be in [0, 1): the last steps train at the full image size; got "
+            f"{schedule.low_res_fraction}")
     require(schedule.low_res_steps is None or schedule.low_res_steps >= 0,
             f"schedule.low_res_steps must be >= 0, got {schedule.low_res_steps}")
     require(schedule.low_res_steps is None or schedule.steps is not None or config.time_budget is None,

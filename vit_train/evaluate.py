@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from vit_train.checkpoint import folder_write_error, load_checkpoint, save_checkpoint, write_atomically
-from vit_train.data import build_loaders, default_data_config, load_rgb, normalization, preprocess_images
+from vit_train.data import build_loaders, load_rgb, normalization, preprocess_images, saved_data_config
 from vit_train.errors import UserError
 from vit_train.models import VisionTransformer
 from vit_train.pretrained import load_pretrained
@@ -50,9 +50,7 @@ def load_trained_model(checkpoint_path, device, weights=None) -> LoadedModel:
     """
     checkpoint = load_checkpoint(checkpoint_path)
     config = ml_collections.ConfigDict(checkpoint["config"])
-    data = default_data_config()  # data keys added since the checkpoint was written keep their defaults (off)
-    data.update(config.data)
-    config.data = data
+    config.data = saved_data_config(checkpoint["config"]["data"])
     has_ema = bool(checkpoint.get("ema"))
     if weights == "ema" and not has_ema:
         raise UserError(f"{checkpoint_path} holds no EMA weights (the run had optim.ema_decay=0); use --weights raw")

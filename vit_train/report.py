@@ -4,6 +4,7 @@ the time budget's plan, and the summary line. Durations and clock times for peop
 import contextlib
 import datetime
 import json
+import os
 import sys
 import threading
 import time
@@ -11,7 +12,7 @@ import time
 from tqdm import tqdm
 
 from vit_train.checkpoint import write_atomically
-from vit_train.errors import UserError
+from vit_train.errors import UserError, first_line
 from vit_train.runtime import slow_precision_warning
 
 # Steps after which a run without a time budget states how long it will take.
@@ -80,18 +81,24 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
 
         self.run_dir, self.events = run_dir, f"the TensorBoard events in {run_dir}"
-        self.previous_excepthook, threading.excepthook = threading.excepthook, self.quiet_writer_thread
         with self.writing(self.events):
             # A resumed run repeats the steps after its checkpoint: drop what the interrupted run logged for them.
             self.writer = SummaryWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         self.metrics_path = run_dir / "metrics.jsonl"
         if self.metrics_path.exists():
-            records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-            kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step)
-            write_atomically(self.metrics_path, lambda f: f.write(kept.encode()))
+            try:
+                lines = self.metrics_path.read_text().splitlines()
+                records = [json.loads(line) for line in lines]
+                kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start_step)
+                write_atomically(self.metrics_path, lambda f: f.write(kept.encode()))
+            except (OSError, ValueError, KeyError, UserError) as error:
+                self.writer.close()
+                raise UserError(f"cannot continue {self.metrics_path} ({first_line(error)}); move it aside to "
+                                "start it anew") from None
         self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
         use_bar = not quiet and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
+        self.previous_excepthook, threading.excepthook = threading.excepthook, self.quiet_writer_thread
 
     def quiet_writer_thread(self, args):
         if not type(args.thread).__module__.startswith("tensorboard."):
@@ -162,13 +169,12 @@ class RunLog:
                     self.writer.add_scalar(key.replace("eval_", "eval/", 1), record[key], record["step"])
             if attention is not None:
                 self.writer.add_image("eval/attention", attention, record["step"])
-        with self.writing(self.metrics_path), open(self.metrics_path, "ab") as f:
+        with self.writing(self.metrics_path), open(self.metrics_path, "ab", buffering=0) as f:
             size = f.tell()
             try:
                 f.write((json.dumps(record) + "\n").encode())
-                f.flush()
             except OSError:
-                f.truncate(size)  # no half line for a resumed run to stumble on
+                os.ftruncate(f.fileno(), size)  # no half line for a resumed run to stumble on
                 raise
         ema = (f"  EMA: loss {record['eval_ema_loss']:.4f}  accuracy {record['eval_ema_accuracy']:.4f}"
                if "eval_ema_accuracy" in record else "")

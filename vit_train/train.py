@@ -366,9 +366,14 @@ def memory_advice(config, device, world_size):
             raise
         what = f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"
         micro = config.batch_size // world_size // config.grad_accum
+        more = next((k for k in range(config.grad_accum + 1, config.batch_size // world_size + 1)
+                     if config.batch_size % (k * world_size) == 0), None)  # micro-batches the batch splits into
+        change = (f"give --grad-accum {more} for the same step in less memory, or a smaller --batch-size" if more
+                  else "give a smaller --batch-size")
         raise UserError(f"out of {what} at batch size {config.batch_size} ({config.grad_accum} micro-batches of "
-                        f"{micro} per process and step); give --grad-accum {2 * config.grad_accum} for the same step "
-                        f"in half the memory, or a smaller --batch-size. Checkpoints are as last saved") from None
+                        f"{micro} per process and step, evaluation batches of {config.eval_batch_size}); {change} "
+                        "(or --set eval_batch_size=N when it ran out evaluating). Checkpoints are as last saved"
+                        ) from None
 
 
 def announce_duration(run, last_loss, seconds_per_step):

@@ -8,9 +8,9 @@
 from vit_train.data.cifar import ImageArrays, load_cifar
 from vit_train.data.folders import load_rgb
 from vit_train.data.loaders import (DATASETS, EvalLoader, Loaders, TrainLoader, build_loaders, check_data_config,
-                                    default_data_config)
+                                    default_data_config, saved_data_config)
 from vit_train.data.normalize import NORMALIZATIONS, normalization, preprocess_images, resize_images
 
 __all__ = ["DATASETS", "NORMALIZATIONS", "EvalLoader", "ImageArrays", "Loaders", "TrainLoader", "build_loaders",
            "check_data_config", "default_data_config", "load_cifar", "load_rgb", "normalization", "preprocess_images",
-           "resize_images"]
+           "resize_images", "saved_data_config"]

@@ -186,6 +186,19 @@ class Loaders:
     note: str = ""  # how the images were read, where that is worth saying (image folders)
 
 
+# Keys added after configs were first saved whose default is not what a config saved without them did: such a
+# config (a checkpoint's) gets the old behaviour, so a resumed or evaluated run reads its data as it was trained.
+BEHAVIOUR_BEFORE_KEY = {"folder_in_memory": False}
+
+
+def saved_data_config(saved: dict) -> ml_collections.ConfigDict:
+    """The data config of a saved (checkpoint) config: every key it lacks takes its default, or its old behaviour."""
+    data_cfg = default_data_config()
+    data_cfg.update({key: value for key, value in BEHAVIOUR_BEFORE_KEY.items() if key not in saved})
+    data_cfg.update(saved)
+    return data_cfg
+
+
 def check_data_config(data_cfg) -> None:
     """Raise UserError for a data config that cannot work, naming the field as `--set data.X` spells it."""
     choices = {"name": DATASETS, "padding_mode": PADDING_MODES, "auto_augment": ("none", *AUGMENT_POLICIES),
