@@ -14,7 +14,6 @@ test split at their end; the table gives test accuracy, wall time and training i
 """
 import argparse
 import json
-import math
 import pickle
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from vit_train.budget import budget_seconds
 from vit_train.data.normalize import DATASET_STATS
+from vit_train.optim import warmup_cosine
 
 PEER = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 9, "num_heads": 12, "mlp_ratio": 2.0,
         "num_classes": 10, "drop_path_rate": 0.1}
@@ -112,9 +112,7 @@ def peer_main(budget, data_dir, result):
     warmup = max(1, round(WARMUP_SHARE * steps))
     train_started = time.perf_counter()
     for i in range(steps):
-        progress = (i - warmup) / max(1, steps - warmup)
-        lr = LR * ((i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * progress)))
-        step(*next(stream), lr)
+        step(*next(stream), LR * warmup_cosine(i, warmup, steps))
     images_per_sec = steps * BATCH / (time.perf_counter() - train_started)
     model.eval()
     correct = 0

@@ -12,7 +12,7 @@ import hashlib
 import io
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -69,25 +69,31 @@ def image_folder(root: Path, transform) -> torchvision.datasets.ImageFolder:
         raise UserError(f"{root} is not an image folder ({err}); expected {root}/<class>/<image files>") from None
 
 
-def split_folders(data_cfg) -> tuple[Path, Path]:
+def folder_data(data_cfg, img_size: int, device: torch.device) -> tuple:
+    """(train, test, class names, how they were read) of root/train/<class>/* and root/val (or root/test)/<class>/*,
+    the folders scanned once: ImageArrays decoded at img_size (decoded_splits) when they fit in memory and
+    data.folder_in_memory is on, else FolderSources for DataLoader workers (worker_transforms)."""
     root = Path(data_cfg.data_dir)
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise UserError(f"{root} needs train/<class>/* and val/<class>/* (or test/<class>/*) folders for "
                         "data.name=imagefolder; point data.data_dir at such a tree")
-    return root / "train", test_dir
-
-
-def decoded_folder(data_cfg, img_size: int) -> Optional[tuple[ImageArrays, ImageArrays, list[str], str]]:
-    """(train, test, class names, what was done) of an image folder decoded at img_size x img_size (the shorter
-    side resized to img_size, the centre cropped), from the cache when it holds this folder as it is now; None
-    for a folder too large for memory."""
-    train_dir, test_dir = split_folders(data_cfg)
-    train, test = image_folder(train_dir, None), image_folder(test_dir, None)
+    train, test = image_folder(root / "train", None), image_folder(test_dir, None)
     if test.classes != train.classes:
-        raise UserError(f"{test_dir} and {train_dir} hold different class folders; give them the same ones")
-    if (len(train) + len(test)) * 3 * img_size**2 > IN_MEMORY_BYTES:
-        return None
+        raise UserError(f"{test_dir} and {root / 'train'} hold different class folders; give them the same ones")
+    fits = (len(train) + len(test)) * 3 * img_size**2 <= IN_MEMORY_BYTES
+    if data_cfg.get("folder_in_memory", True) and fits:
+        decoded_train, decoded_test, note = decoded_splits(train, test, img_size)
+        return decoded_train, decoded_test, train.classes, note
+    train.transform, test.transform = worker_transforms(data_cfg, img_size)
+    workers = data_cfg.num_workers
+    return (FolderSource(train, workers, device), FolderSource(test, workers, device), train.classes,
+            "read by DataLoader workers")
+
+
+def decoded_splits(train, test, img_size: int) -> tuple[ImageArrays, ImageArrays, str]:
+    """(train, test, what was done): the folders' images decoded at img_size x img_size (the shorter side resized
+    to img_size, the centre cropped), from the cache when it holds these folders as they are now."""
     key = hashlib.sha256(f"{FOLDER_CACHE_VERSION} {img_size}".encode())
     for path, label in train.samples + test.samples:
         stat = Path(path).stat()
@@ -95,9 +101,9 @@ def decoded_folder(data_cfg, img_size: int) -> Optional[tuple[ImageArrays, Image
     cached = cache_dir() / "folders" / f"{key.hexdigest()[:32]}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as arrays:
-            splits = [ImageArrays(torch.from_numpy(arrays[f"{split}_images"]), torch.from_numpy(arrays[f"{split}_labels"]))
+            splits = [ImageArrays(*(torch.from_numpy(arrays[f"{split}_{part}"]) for part in ("images", "labels")))
                       for split in ("train", "test")]
-        return (*splits, train.classes, f"decoded images from {cached}")
+        return (*splits, f"decoded images from {cached}")
     started = time.perf_counter()
     splits = [decode_split(dataset, img_size) for dataset in (train, test)]
     seconds = time.perf_counter() - started
@@ -110,7 +116,7 @@ def decoded_folder(data_cfg, img_size: int) -> Optional[tuple[ImageArrays, Image
         where = f"cached in {cached}"
     except (OSError, UserError) as error:  # an unwritable cache costs the next run a decode, nothing more
         where = f"not cached ({error})"
-    return (*splits, train.classes, f"decoded {len(train) + len(test)} images in {seconds:.0f} s, {where}")
+    return (*splits, f"decoded {len(train) + len(test)} images in {seconds:.0f} s, {where}")
 
 
 def decode_split(dataset: torchvision.datasets.ImageFolder, img_size: int) -> ImageArrays:
@@ -121,24 +127,14 @@ def decode_split(dataset: torchvision.datasets.ImageFolder, img_size: int) -> Im
     return ImageArrays(torch.from_numpy(images), torch.tensor(dataset.targets, dtype=torch.int64))
 
 
-def folder_sources(data_cfg, img_size: int, device: torch.device) -> tuple[FolderSource, FolderSource, list[str]]:
-    """root/train/<class>/* for training and root/val (or root/test)/<class>/* for evaluation, as uint8 tensors.
-
-    Training images get a random-resized crop and a flip (and the auto-augment policy, per image); evaluation
-    images are resized to img_size / 0.875 and centre-cropped, the usual ImageNet evaluation.
-    """
-    train_dir, test_dir = split_folders(data_cfg)
+def worker_transforms(data_cfg, img_size: int) -> tuple:
+    """The workers' per-image transforms to uint8 tensors: for training a random-resized crop and a flip (and the
+    auto-augment policy); for evaluation a resize to img_size / 0.875 and a centre crop, the usual ImageNet
+    evaluation."""
     train_steps = [v2.ToImage(), v2.RandomResizedCrop(img_size, antialias=True)]
     if data_cfg.hflip:
         train_steps.append(v2.RandomHorizontalFlip())
     if data_cfg.auto_augment != "none":
         train_steps.append(AUGMENT_POLICIES[data_cfg.auto_augment].per_image_transform())
-    train = image_folder(train_dir, v2.Compose(train_steps))
-    test = image_folder(test_dir, v2.Compose([v2.ToImage(), v2.Resize(round(img_size / 0.875), antialias=True),
-                                              v2.CenterCrop(img_size)]))
-    if test.classes != train.classes:
-        raise UserError(f"{test_dir} and {train_dir} hold different class folders; give them the same ones")
-    workers = data_cfg.num_workers
-    return FolderSource(train, workers, device), FolderSource(test, workers, device), train.classes
-
-
+    return v2.Compose(train_steps), v2.Compose([v2.ToImage(), v2.Resize(round(img_size / 0.875), antialias=True),
+                                                v2.CenterCrop(img_size)])

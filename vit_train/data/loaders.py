@@ -34,7 +34,7 @@ import torch
 
 from vit_train.data.augment import AUGMENT_POLICIES, PADDING_MODES, DeviceAugmentation, RandomErasing
 from vit_train.data.cifar import ImageArrays, load_cifar
-from vit_train.data.folders import decoded_folder, folder_sources
+from vit_train.data.folders import folder_data
 from vit_train.data.mixing import LabelMixing
 from vit_train.data.normalize import NORMALIZATIONS, preprocess_images
 from vit_train.data.synthetic import make_synthetic
@@ -230,15 +230,15 @@ def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: 
         raise UserError(f"need img_size, batch sizes >= 1, seed >= 0 and 0 <= rank < world_size; got {img_size}, "
                         f"{batch_size}, {eval_batch_size}, {seed}, {rank}, {world_size}")
     device = torch.device(device)
-    in_memory_folder = data_cfg.name == "imagefolder" and data_cfg.get("folder_in_memory", True)
-    decoded = decoded_folder(data_cfg, img_size) if in_memory_folder else None
-    if data_cfg.name == "imagefolder" and decoded is None:  # too large for memory
-        train_source, test_source, class_names = folder_sources(data_cfg, img_size, device)
-        augmentation, note = None, "read by DataLoader workers"  # decoded and augmented per image by the workers
+    if data_cfg.name == "imagefolder":
+        train, test, class_names, note = folder_data(data_cfg, img_size, device)
     else:
-        train, test, class_names, note = decoded or (*load_in_memory(data_cfg), "")
+        train, test, class_names, note = (*load_in_memory(data_cfg), "")
+    if isinstance(train, ImageArrays):  # held on the device, augmented there a batch at a time
         train_source, test_source = TensorSource(train, device), TensorSource(test, device)
         augmentation = DeviceAugmentation(data_cfg, image_size=train.images.shape[-1])
+    else:  # decoded and augmented per image by the workers
+        train_source, test_source, augmentation = train, test, None
     mixing = None
     if data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0:
         mixing = LabelMixing(data_cfg.mixup_alpha, data_cfg.cutmix_alpha, len(class_names))
