@@ -35,7 +35,8 @@ import torchvision
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
-from vit_train.data import build_loaders, default_data_config, normalization
+from vit_train.config import default_data_config
+from vit_train.data import build_loaders, normalization
 from vit_train.data.augment import IDENTITY, OP_NAMES, DeviceAugmentation
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 
-from vit_train.data import augment, build_loaders, default_data_config
+from vit_train.config import default_data_config
+from vit_train.data import augment, build_loaders
 from vit_train.data.augment import AUGMENT_POLICIES, OP_NAMES, OP_SIGNED, apply_policy_ops
 from vit_train.errors import UserError
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from vit_train.cli import attention_main, eval_main, export_main, predict_main, train_main
-from vit_train.config import resolve_config
+from vit_train.resolve import resolve_config
 from vit_train.train import train
 
 COMMANDS = {"vit-train": train_main, "vit-eval": eval_main, "vit-predict": predict_main,

@@ -10,7 +10,8 @@ import torch
 from vit_train.checkpoint import load_checkpoint
 from vit_train import __version__
 from vit_train.cli import attention_main, eval_main, export_main, predict_main, train_main, train_parser
-from vit_train.config import CONFIGS_DIR, resolve_config
+from vit_train.config import CONFIGS_DIR
+from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
 
 TINY = {"model_name": "testing", "data.name": "synthetic", "batch_size": 32, "schedule.steps": 5}

@@ -18,7 +18,8 @@ import torch
 
 from test_train import NO_DROPOUT, assert_same_weights, cli_sets, eval_records, run, torchrun
 from vit_train.checkpoint import load_checkpoint
-from vit_train.data import build_loaders, default_data_config
+from vit_train.config import default_data_config
+from vit_train.data import build_loaders
 
 pytestmark = pytest.mark.cuda
 GPU = "cuda"

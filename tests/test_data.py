@@ -15,7 +15,8 @@ from PIL import Image
 
 from vit_train.data import cifar, mixing
 from vit_train.data.synthetic import make_synthetic
-from vit_train.data import build_loaders, default_data_config, normalization, preprocess_images
+from vit_train.config import default_data_config
+from vit_train.data import build_loaders, normalization, preprocess_images
 from vit_train.errors import UserError
 
 CPU = torch.device("cpu")

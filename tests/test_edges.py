@@ -13,7 +13,7 @@ import vit_train.train
 from vit_train.budget import Calibration, budget_steps
 from vit_train.checkpoint import load_checkpoint
 from vit_train.cli import train_main
-from vit_train.config import resolve_config
+from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
 from vit_train.optim import Plan
 from vit_train.report import duration_line, end_time

@@ -14,10 +14,10 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from vit_train import evaluate
 from vit_train.cli import attention_main, eval_main, export_main, predict_main
-from vit_train.config import resolve_config
+from vit_train.resolve import resolve_config
 from vit_train.data import load_cifar
 from vit_train.errors import UserError
-from vit_train.models import create_model
+from vit_train.models.vit import create_model
 from vit_train.train import train
 
 

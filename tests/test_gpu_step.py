@@ -15,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from vit_train.checkpoint import load_checkpoint
-from vit_train.config import resolve_config
+from vit_train.resolve import resolve_config
 from vit_train.train import build_run, train, train_batches
 
 # Calls that make the host wait for the device (reading a value) or copy Python data to it.

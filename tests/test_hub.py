@@ -22,7 +22,8 @@ from vit_train.cli import eval_main, train_main
 from vit_train.config import CONFIGS_DIR
 from vit_train.errors import UserError
 from vit_train.hub import RELEASES, Release, check_weights_source, fetch, size_matches
-from vit_train.models import create_model, get_config
+from vit_train.models import get_config
+from vit_train.models.vit import create_model
 from vit_train.pretrained import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vit_train.errors import UserError
-from vit_train.models import create_model, get_config, list_models
+from vit_train.models import get_config, list_models
+from vit_train.models.vit import create_model
 from vit_train.pretrained import load_pretrained
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")

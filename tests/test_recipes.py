@@ -9,7 +9,8 @@ import torch
 
 from vit_train import evaluate
 from vit_train.cli import export_main
-from vit_train.config import CONFIGS_DIR, load_recipe, resolve_config
+from vit_train.config import CONFIGS_DIR, load_recipe
+from vit_train.resolve import resolve_config
 from vit_train.train import train
 
 RECIPES = sorted(path.stem for path in CONFIGS_DIR.glob("*.py"))

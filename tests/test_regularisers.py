@@ -14,14 +14,14 @@ import vit_train.budget
 import vit_train.train
 from vit_train.checkpoint import load_checkpoint
 from vit_train.cli import eval_main
-from vit_train.config import resolve_config
-from vit_train.data import build_loaders, default_data_config
+from vit_train.config import default_data_config
+from vit_train.data import build_loaders
 from vit_train.errors import UserError
-from vit_train.models import create_model
-from vit_train.models.vit import DropPath, resize_position_grid
+from vit_train.models.vit import DropPath, create_model, resize_position_grid
 from vit_train.budget import Calibration, budget_seconds, budget_steps
 from vit_train.optim import Plan, WeightEMA
 from vit_train.report import duration_line, format_duration
+from vit_train.resolve import resolve_config
 from vit_train.train import train
 
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,

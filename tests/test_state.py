@@ -15,7 +15,7 @@ import torch
 import vit_train.train
 from vit_train.checkpoint import load_checkpoint
 from vit_train.cli import eval_main
-from vit_train.config import resolve_config
+from vit_train.resolve import resolve_config
 from vit_train.optim import warmup_cosine
 from vit_train.train import train
 

@@ -15,9 +15,9 @@ import torch
 import vit_train.train
 from vit_train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
 from vit_train.cli import entry_point, train_main
-from vit_train.config import resolve_config
+from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
-from vit_train.models import create_model
+from vit_train.models.vit import create_model
 from vit_train.runtime import resolve_precision, slow_precision_warning
 from vit_train.optim import param_groups, warmup_cosine, warmup_linear
 from vit_train.train import StopSignals, train

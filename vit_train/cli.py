@@ -3,9 +3,14 @@
 Every entry point is wrapped by `entry_point`, which prints a UserError as one line, `error: <message>`, on
 stderr and exits with status 2; `Parser` makes argparse's own usage errors UserErrors too.
 
-    vit-train   train_main: flags -> vit_train.config.resolve_config -> vit_train.train.train
+    vit-train   train_main: flags -> vit_train.resolve.resolve_config -> vit_train.train.train
     vit-eval, vit-predict, vit-attention, vit-export
                 eval_main, predict_main, attention_main, export_main: checkpoint -> vit_train.evaluate
+
+The parsers need only torch-free modules (the config's keys, recipes and names: vit_train/config.py). Each command
+imports the modules that do its work, and with them torch, after its arguments parse: --help, --version and
+usage errors answer in a fraction of a second instead of the seconds torch takes to import. These are the only
+imports inside functions in the package (tests/test_layout.py).
 """
 import argparse
 import functools
@@ -13,14 +18,10 @@ import os
 import signal
 import sys
 
-from vit_train import __version__, evaluate
-from vit_train.config import DEFAULT_RECIPES, get_key, load_recipe, pretrained_config, resolve_config
-from vit_train.data import DATASETS, NORMALIZATIONS
+from vit_train import __version__
+from vit_train.config import DATASETS, DEFAULT_RECIPES, NORMALIZATIONS, PRECISIONS, WEIGHTS, get_key, load_recipe
 from vit_train.errors import UserError
-from vit_train.hub import check_release_head, check_weights_source, format_releases
 from vit_train.models import list_models
-from vit_train.runtime import PRECISIONS, resolve_device, resolve_precision, slow_precision_warning
-from vit_train.train import train
 
 
 class Parser(argparse.ArgumentParser):
@@ -147,14 +148,6 @@ def add_list_pretrained_flag(parser):
                         "Google's released weights (model, training data, size, URL, whether cached) and exit")
 
 
-def config_from_args(args):
-    """The resolved config for parsed vit-train arguments: flags that were given override the recipe."""
-    flags = dict(vars(args))
-    recipe, sets = flags.pop("config"), flags.pop("set")
-    del flags["list_models"], flags["list_pretrained"]
-    return resolve_config({key: value for key, value in flags.items() if value is not None}, sets, recipe)
-
-
 @entry_point
 def train_main(argv=None):
     """vit-train: exit status 0 when the run ends, 128 + the signal number when a signal stopped it."""
@@ -162,10 +155,17 @@ def train_main(argv=None):
     if args.list_models:
         print("\n".join(list_models()))
         return 0
+    from vit_train.hub import format_releases
+    from vit_train.resolve import resolve_config
+    from vit_train.train import train
     if args.list_pretrained:
         print(format_releases())
         return 0
-    stopped_by = train(config_from_args(args))["stopped_by"]
+    flags = dict(vars(args))
+    recipe, sets = flags.pop("config"), flags.pop("set")
+    del flags["list_models"], flags["list_pretrained"]
+    config = resolve_config({key: value for key, value in flags.items() if value is not None}, sets, recipe)
+    stopped_by = train(config)["stopped_by"]
     return 128 + stopped_by if stopped_by else 0
 
 
@@ -178,7 +178,7 @@ def add_checkpoint_flag(parser, required=True):
 
 
 def add_weights_flag(parser):
-    parser.add_argument("--weights", choices=evaluate.WEIGHTS, help="which weights of the checkpoint: the EMA "
+    parser.add_argument("--weights", choices=WEIGHTS, help="which weights of the checkpoint: the EMA "
                         "average (optim.ema_decay) or the raw ones (default: ema when the run kept one, else raw)")
 
 
@@ -244,6 +244,10 @@ def apply_eval_flags(config, args):
 def eval_main(argv=None):
     """vit-eval: print the test-set report; --json and --plot write it to files."""
     args = eval_parser().parse_args(argv)
+    from vit_train import evaluate
+    from vit_train.hub import check_release_head, check_weights_source, format_releases
+    from vit_train.resolve import pretrained_config
+    from vit_train.runtime import resolve_device, resolve_precision, slow_precision_warning
     if args.list_pretrained:
         print(format_releases())
         return 0
@@ -301,6 +305,8 @@ def predict_parser():
 def predict_main(argv=None):
     """vit-predict: for each image, its top-k classes with their probabilities."""
     args = predict_parser().parse_args(argv)
+    from vit_train import evaluate
+    from vit_train.runtime import resolve_device
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
@@ -327,6 +333,8 @@ def attention_parser():
 def attention_main(argv=None):
     """vit-attention: write [image | attention rollout over the image] to --out."""
     args = attention_parser().parse_args(argv)
+    from vit_train import evaluate
+    from vit_train.runtime import resolve_device
     evaluate.check_writable(args.out)
     loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
     panel, top = evaluate.attention_figure(loaded, evaluate.read_image(args.image))
@@ -351,6 +359,7 @@ def export_parser():
 def export_main(argv=None):
     """vit-export: weights to --out, config to --out with the suffix .json."""
     args = export_parser().parse_args(argv)
+    from vit_train import evaluate
     config_path = evaluate.export(evaluate.load_trained_model(args.checkpoint, "cpu", args.weights), args.out)
     print(f"wrote {args.out} and {config_path}; they may move, together. In Python, in their folder: "
           f"timm.create_model(**json.load(open({config_path.name!r}))['timm']); from elsewhere see docs/evaluate.md")

@@ -22,7 +22,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from vit_train.checkpoint import folder_write_error, load_checkpoint, save_checkpoint, write_atomically
 from vit_train.data import build_loaders, load_rgb, normalization, preprocess_images, saved_data_config
 from vit_train.errors import UserError
-from vit_train.models import VisionTransformer
+from vit_train.models.vit import VisionTransformer
 from vit_train.pretrained import load_pretrained
 from vit_train.runtime import autocast, resolve_precision
 
@@ -37,9 +37,6 @@ class LoadedModel:
     model: VisionTransformer
     config: ml_collections.ConfigDict
     class_names: list
-
-
-WEIGHTS = ("ema", "raw")
 
 
 def load_trained_model(checkpoint_path, device, weights=None) -> LoadedModel:

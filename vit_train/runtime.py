@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from vit_train.errors import UserError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -26,7 +26,7 @@ from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint,
 from vit_train.data import build_loaders, resize_images
 from vit_train.errors import UserError
 from vit_train.evaluate import attention_image, evaluate_model
-from vit_train.models import VisionTransformer
+from vit_train.models.vit import VisionTransformer
 from vit_train.optim import Plan, WeightEMA, build_optimizer
 from vit_train.pretrained import load_pretrained
 from vit_train.report import ESTIMATE_AFTER_STEPS, RunLog, duration_line, flatten
@@ -263,7 +263,7 @@ def build_run(config, rank, world_size, device) -> Run:
 
 
 def train(config, clock=time.perf_counter):
-    """Run a resolved config (vit_train.config.resolve_config) to its end and return the final metrics:
+    """Run a resolved config (vit_train.resolve.resolve_config) to its end and return the final metrics:
     {step, train_loss, eval_loss, eval_accuracy, eval_ema_accuracy, best_accuracy, images_per_sec, run_dir,
     stopped_by, seconds}, where stopped_by is the number of the signal that interrupted the run, or 0 when it ran to
     the end, eval_ema_accuracy is None without optim.ema_decay, best_accuracy is None before the first evaluation,

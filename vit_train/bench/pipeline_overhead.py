@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from vit_train.config import resolve_config
-from vit_train.models import VisionTransformer
+from vit_train.resolve import resolve_config
+from vit_train.models.vit import VisionTransformer
 from vit_train.runtime import resolve_device
 from vit_train.optim import build_optimizer
 from vit_train.train import train, train_step

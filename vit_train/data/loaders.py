@@ -32,43 +32,15 @@ import ml_collections
 import numpy as np
 import torch
 
+from vit_train.config import DATASETS, NORMALIZATIONS, default_data_config
 from vit_train.data.augment import AUGMENT_POLICIES, PADDING_MODES, DeviceAugmentation, RandomErasing
 from vit_train.data.cifar import ImageArrays, load_cifar
 from vit_train.data.folders import folder_data
 from vit_train.data.mixing import LabelMixing
-from vit_train.data.normalize import NORMALIZATIONS, preprocess_images
+from vit_train.data.normalize import preprocess_images
 from vit_train.data.synthetic import make_synthetic
 from vit_train.errors import UserError
 from vit_train.runtime import to_device
-
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The `data` section of a training config; users override fields with `--set data.X=...`."""
-    return ml_collections.ConfigDict({
-        "name": "cifar10",            # one of DATASETS
-        "data_dir": "./data",         # holds cifar-10-batches-py/, cifar-100-python/, or an image folder tree
-        "download": True,             # fetch CIFAR (checksum-verified) when its folder is missing
-        "crop_padding": 4,            # random crop after padding by this many pixels; 0 disables the crop
-        "padding_mode": "reflect",    # 'reflect' | 'zeros'
-        "hflip": True,
-        "auto_augment": "none",       # 'none' | 'randaugment' | 'trivialaugment' | 'autoaugment' (CIFAR-10 policy)
-        "random_erasing": 0.0,        # probability that an image gets a box of noise, after normalisation
-        "mixup_alpha": 0.0,           # > 0 enables mixup; with cutmix too, each batch picks one of them 50/50
-        "cutmix_alpha": 0.0,
-        "repeated_augmentation": 0,   # > 1: each image appears this many times in a row, augmented differently
-        "normalize": "dataset",       # 'dataset' (its mean/std) | 'inception' (mean = std = 0.5)
-        "num_workers": 2,             # DataLoader workers, imagefolder only
-        "folder_in_memory": True,     # imagefolder: decode once and hold on the device when it fits (augmented as
-                                      # CIFAR is); False: always DataLoader workers (RandomResizedCrop per image)
-        "synthetic_train_size": 2048,
-        "synthetic_test_size": 512,
-        "synthetic_num_classes": 10,
-    })
-
-
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Seeded randomness: a Generator per (seed, stream, epoch[, batch]), so no state carries over between steps.

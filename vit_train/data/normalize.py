@@ -7,8 +7,6 @@ import torch.nn.functional as F
 
 from vit_train.runtime import device_constant
 
-NORMALIZATIONS = ("dataset", "inception")
-
 # Per-channel mean and std of each dataset's training images, on the 0..1 scale. Image folders get ImageNet's, the
 # usual guess for photographs of unknown origin; the synthetic set's are those of its uniform colours plus noise.
 DATASET_STATS = {

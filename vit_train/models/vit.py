@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit_train.errors import UserError
+from vit_train.models.configs import apply_overrides, get_config
 from vit_train.models.resnet import ResNetV2, resnet_downsample
 
 LAYER_NORM_EPS = 1e-6  # as in the original Flax code (HF's 1e-12 default differs)
@@ -367,3 +368,8 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
             f"{name}: {what} does not divide the image size {img_size}; pick an image size that is a multiple "
             f"of {patch_size * downsample} or another patch size"
         )
+
+
+def create_model(name: str, img_size: int = 32, num_classes: int = 10, **overrides) -> nn.Module:
+    """A freshly initialised ViT for the named config, with flat overrides such as `patch_size=4`."""
+    return VisionTransformer(apply_overrides(get_config(name), **overrides), img_size, num_classes)
