@@ -1,6 +1,7 @@
 """What a new user trips on, beyond the bad-input table: lengths at the edges, budgets at any evaluation frequency
 and too short for the model, one process per run folder, a full disk under TensorBoard, and the EMA's bookkeeping."""
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -12,12 +13,14 @@ import torch
 import vit_train.train
 from vit_train.budget import Calibration, budget_steps
 from vit_train.checkpoint import load_checkpoint
-from vit_train.cli import train_main
+from vit_train.cli import eval_main, train_main
 from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
 from vit_train.optim import Plan
 from vit_train.report import duration_line, end_time
 from vit_train.train import train
+
+from test_data import write_image_folder
 
 TINY_SETS = ["--model", "testing", "--dataset", "synthetic", "--batch-size", "32", "--quiet",
              "--set", "data.auto_augment=none", "--set", "data.mixup_alpha=0", "--set", "data.cutmix_alpha=0",
@@ -157,3 +160,37 @@ def test_a_replan_that_lengthens_a_run_counts_its_new_steps_at_full_resolution()
     assert slowdown == pytest.approx(1.0) and new.low_res_steps == 500 and new.total_steps > 1000
     spent = calibration.calibrated_seconds(new, 200, new.total_steps) + 1.0 + 0.5
     assert spent <= 500.0 - 60.0 < spent + 0.6  # fits the time less the reserve, one more step would not
+
+
+def test_paths_are_read_as_a_shell_reads_them_by_us_and_by_torchvision(tmp_path, monkeypatch, capsys):
+    """'~' unexpanded by the shell (as in --data-dir=~/x) means the home folder to torchvision, so it means it to
+    our checks and writers too: nothing lands in a folder called '~'. --set resume=RUN is --resume RUN."""
+    home = tmp_path / "home"
+    write_image_folder(home / "imgs", per_class_train=8, per_class_val=4)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    folder = ["--model", "testing", "--dataset", "imagefolder", "--img-size", "32", "--batch-size", "8", "--quiet",
+              "--set", "data.num_workers=0"]
+    assert train_main([*folder, "--data-dir=~/imgs", "--output-dir=~/runs", "--name", "r", "--steps", "2"]) == 0
+    run_dir = home / "runs" / "r"
+    assert (run_dir / "last.pt").exists() and not (tmp_path / "~").exists() and not (home / "runs" / "~").exists()
+    assert json.loads((run_dir / "config.json").read_text())["data"]["data_dir"] == str(home / "imgs")
+    assert train_main(["--set", "resume=~/runs/r", "--steps", "3", "--quiet"]) == 0
+    assert load_checkpoint(run_dir / "last.pt")["step"] == 3
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", "~/runs/r", "--json", "~/eval.json"]) == 0
+    assert json.loads((home / "eval.json").read_text())["num_samples"] == 8
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_setting_the_run_never_reads_is_named_in_a_warning(tmp_path, capsys):
+    common = [*TINY_SETS, "--steps", "1", "--output-dir", str(tmp_path)]
+    assert train_main([*common, "--name", "a", "--set", "optim.name=adamw", "--set", "optim.momentum=0.5",
+                       "--set", "data.num_workers=4", "--no-download"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert [line.split()[1] for line in warnings] == ["data.download", "data.num_workers", "optim.momentum"]
+    assert "optim.name=sgd" in warnings[2] and "does nothing" in warnings[2]
+    # read: momentum with SGD, the synthetic set's sizes with --dataset synthetic
+    assert train_main([*common, "--name", "b", "--set", "optim.name=sgd", "--set", "optim.momentum=0.5",
+                       "--set", "data.synthetic_train_size=64"]) == 0
+    assert "warning:" not in capsys.readouterr().err

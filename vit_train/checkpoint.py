@@ -134,6 +134,17 @@ def folder_write_error(folder) -> Optional[str]:
         return error.strerror or str(error)
 
 
+def folder_creation_error(folder: Path) -> Optional[str]:
+    """Why `folder`, which may not exist yet, cannot be made and written in, or None when it can: the nearest
+    path above it that exists must be a folder we can write in."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if why := folder_write_error(existing):
+        return f"{existing} is not writable ({why})"
+    return None
+
+
 def load_checkpoint(path) -> dict:
     """The checkpoint at `path` (a file, or a run directory for its last.pt), tensors on the CPU.
 

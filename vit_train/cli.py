@@ -19,7 +19,8 @@ import signal
 import sys
 
 from vit_train import __version__
-from vit_train.config import DATASETS, DEFAULT_RECIPES, NORMALIZATIONS, PRECISIONS, WEIGHTS, get_key, load_recipe
+from vit_train.config import (DATASETS, DEFAULT_RECIPES, NORMALIZATIONS, PRECISIONS, WEIGHTS, get_key, load_recipe,
+                              user_path)
 from vit_train.errors import UserError
 from vit_train.models import list_models
 
@@ -35,6 +36,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def path(flag):
+    """argparse type of a path flag: '~' expanded, an empty path refused (config.user_path)."""
+    return functools.partial(user_path, what=flag)
 
 
 def entry_point(main):
@@ -173,7 +179,7 @@ def train_main(argv=None):
 # vit-eval, vit-predict, vit-attention, vit-export: looking at a trained model (vit_train/evaluate.py)
 
 def add_checkpoint_flag(parser, required=True):
-    parser.add_argument("--checkpoint", required=required, metavar="RUN_DIR|FILE",
+    parser.add_argument("--checkpoint", required=required, metavar="RUN_DIR|FILE", type=path("--checkpoint"),
                         help="a vit-train checkpoint: a run directory (its last.pt) or a .pt file such as best.pt")
 
 
@@ -208,21 +214,24 @@ def eval_parser():
     add_checkpoint_flag(parser, required=False)
     add_weights_flag(parser)
     parser.add_argument("--model", metavar="NAME", help="with --pretrained: the weights' model config name")
-    parser.add_argument("--pretrained", metavar="PATH|NAME", help="evaluate these weights instead of a checkpoint: "
-                        "a file, or the name of a Google release (see --list-pretrained)")
+    parser.add_argument("--pretrained", metavar="PATH|NAME", type=path("--pretrained"), help="evaluate these "
+                        "weights instead of a checkpoint: a file, or the name of a Google release (see "
+                        "--list-pretrained)")
     add_list_pretrained_flag(parser)
     parser.add_argument("--img-size", type=int, metavar="PX", help="with --pretrained: image side (default: 224)")
     parser.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's (cifar10 with --pretrained)")
-    parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the checkpoint's, ./data)")
+    parser.add_argument("--data-dir", metavar="DIR", type=path("--data-dir"),
+                        help="where the dataset is (default: the checkpoint's, ./data)")
     parser.add_argument("--no-download", action="store_true", help="never download the dataset")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, help="input normalisation: the dataset's mean and "
                         "std, or inception's [-1, 1] (default: the checkpoint's; inception with --pretrained)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch (default: the checkpoint's)")
     add_device_flag(parser)
-    parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON: accuracy, top5_accuracy, "
-                        "loss, per_class_accuracy, confusion_matrix (rows: true class), num_samples, class_names")
-    parser.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix (needs matplotlib: "
-                        "pip install 'vit-train[plot]')")
+    parser.add_argument("--json", metavar="FILE", type=path("--json"), help="also write the metrics as JSON: "
+                        "accuracy, top5_accuracy, loss, per_class_accuracy, confusion_matrix (rows: true class), "
+                        "num_samples, class_names")
+    parser.add_argument("--plot", metavar="FILE.png", type=path("--plot"), help="also draw the confusion matrix "
+                        "(needs matplotlib: pip install 'vit-train[plot]')")
     return parser
 
 
@@ -295,7 +304,8 @@ def predict_parser():
                     "format, resized and normalised as the test split is.")
     add_checkpoint_flag(parser)
     add_weights_flag(parser)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", type=path("an image path"),
+                        help="image files (PNG, JPEG, ...)")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
     add_device_flag(parser)
     return parser
@@ -323,8 +333,9 @@ def attention_parser():
                     "CLS token over an image, beside the image, as a PNG; print the top classes.")
     add_checkpoint_flag(parser)
     add_weights_flag(parser)
-    parser.add_argument("image", metavar="IMAGE", help="an image file of any size (PNG, JPEG, ...)")
-    parser.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+    parser.add_argument("image", metavar="IMAGE", type=path("the image path"),
+                        help="an image file of any size (PNG, JPEG, ...)")
+    parser.add_argument("--out", required=True, type=path("--out"), metavar="FILE.png", help="the PNG to write")
     add_device_flag(parser)
     return parser
 
@@ -350,8 +361,8 @@ def export_parser():
                     "names, the input normalisation and the timm.create_model arguments.")
     add_checkpoint_flag(parser)
     add_weights_flag(parser)
-    parser.add_argument("--out", required=True, metavar="FILE.pth", help="the weights file; the JSON gets its name "
-                        "with the suffix .json")
+    parser.add_argument("--out", required=True, type=path("--out"), metavar="FILE.pth",
+                        help="the weights file; the JSON gets its name with the suffix .json")
     return parser
 
 

@@ -9,6 +9,7 @@ about (optimizer, learning rate, batch size, length, augmentation). Keys a recip
 """
 import ast
 import contextlib
+import os
 from pathlib import Path
 
 import ml_collections
@@ -27,6 +28,9 @@ DEFAULT_RECIPES = {False: CONFIGS_DIR / "cifar10_scratch.py", True: CONFIGS_DIR 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")   # data.name
 NORMALIZATIONS = ("dataset", "inception")                        # data.normalize
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")                    # precision
+# The keys that hold paths (with the flag that sets each): read as user_path reads them.
+PATH_KEYS = {"data.data_dir": "--data-dir", "output_dir": "--output-dir", "pretrained": "--pretrained",
+             "resume": "--resume"}
 # Which weights of a checkpoint the tools use: the EMA average (a run with optim.ema_decay > 0) or the raw ones.
 WEIGHTS = ("ema", "raw")
 
@@ -169,3 +173,12 @@ def parse_assignment(text):
     if not sep or not key.strip():
         raise UserError(f"--set takes KEY=VALUE, e.g. optim.weight_decay=0.05; got {text!r}")
     return key.strip(), value
+
+
+def user_path(text: str, what: str) -> str:
+    """A path as the user meant it. '~' is expanded as a shell would have (torchvision expands it in the paths we
+    hand it, so our own checks must look at the same place), and an empty path, usually an unset shell variable,
+    is refused rather than read as the current folder or as no value at all."""
+    if not text:
+        raise UserError(f"{what} is empty: give a path, or leave {what} out")
+    return os.path.expanduser(text)

@@ -11,14 +11,16 @@ package: a checkpoint's saved config, the registries keys are checked against, t
 """
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import ml_collections
 
 from vit_train.budget import budget_seconds
-from vit_train.checkpoint import check_not_in_use, checkpoint_path, folder_write_error, load_checkpoint
-from vit_train.config import DEFAULT_RECIPES, PRECISIONS, base_config, get_key, load_recipe, parse_assignment, set_key
+from vit_train.checkpoint import check_not_in_use, checkpoint_path, folder_creation_error, load_checkpoint
+from vit_train.config import (DEFAULT_RECIPES, PATH_KEYS, PRECISIONS, base_config, get_key, load_recipe,
+                              parse_assignment, set_key, user_path)
 from vit_train.data.loaders import check_data_config, saved_data_config
 from vit_train.errors import UserError
 from vit_train.hub import check_weights_source
@@ -38,6 +40,17 @@ ALTERNATIVE_KEYS = [("schedule.steps", "schedule.epochs", "time_budget"),
                     ("schedule.warmup_steps", "schedule.warmup_fraction"),
                     ("schedule.low_res_steps", "schedule.low_res_fraction")]
 CLEARED = {"schedule.warmup_steps": 0, "schedule.low_res_fraction": 0.0}
+# Keys that only some runs read, with when: one set in a run that never reads it is named in a warning line.
+ONLY_READ_WITH = {
+    "optim.momentum": (lambda config: config.optim.name == "sgd", "optim.name=sgd (Muon keeps its own 0.95)"),
+    "optim.betas": (lambda config: config.optim.name != "sgd", "optim.name=adamw or muon"),
+    "data.padding_mode": (lambda config: config.data.crop_padding > 0, "data.crop_padding > 0"),
+    "data.download": (lambda config: config.data.name in ("cifar10", "cifar100"), "--dataset cifar10 or cifar100"),
+    **{f"data.{key}": (lambda config: config.data.name == "imagefolder", "--dataset imagefolder")
+       for key in ("num_workers", "folder_in_memory")},
+    **{f"data.synthetic_{key}": (lambda config: config.data.name == "synthetic", "--dataset synthetic")
+       for key in ("train_size", "test_size", "num_classes")},
+}
 
 
 def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.ConfigDict:
@@ -46,16 +59,20 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
     overrides: {dotted key: value} from flags, e.g. {"optim.lr": 0.01, "resume": "runs/x"}.
     sets: "KEY=VALUE" strings from --set, applied after the flags (see set_key for how VALUE is read).
     recipe: a recipe file; by default configs/cifar10_scratch.py, or cifar10_finetune.py with a pretrained model.
+    A key set here that this run never reads (ONLY_READ_WITH) is named in a `warning:` line on stderr.
     """
-    overrides = dict(overrides or {})
-    resume = overrides.pop("resume", None)
+    assignments = [*(overrides or {}).items(), *map(parse_assignment, sets)]
+    # --set resume=... and --set pretrained=... act as the flags do: they choose where the config comes from.
+    given = dict(assignments)
+    resume = None if given.get("resume") is None else user_path(given["resume"], "--resume")
+    assignments = [(key, value) for key, value in assignments if key != "resume"]
     if resume:
-        if recipe:
+        if recipe is not None:
             raise UserError("--config cannot be combined with --resume: a resumed run keeps its saved config")
         config = resumed_config(resume)
     else:
-        config = load_recipe(recipe or DEFAULT_RECIPES[bool(overrides.get("pretrained"))])
-    assignments = [*overrides.items(), *map(parse_assignment, sets)]
+        config = load_recipe(DEFAULT_RECIPES[bool(given.get("pretrained"))] if recipe is None
+                             else user_path(recipe, "--config"))
     fixed = fixed_on_resume(config) if resume else {}
     if resume:
         check_resume_assignments(config, assignments)
@@ -75,9 +92,17 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
             set_key(config, key, value)
     for key, value in fixed.items():
         require(get_key(config, key) == value, f"{key} cannot change when resuming ({value!r} in {resume})")
+    for key, flag in PATH_KEYS.items():
+        if get_key(config, key) is not None:
+            set_key(config, key, user_path(get_key(config, key), f"{flag} ({key})"))
     if config.name is None:
         config.name = f"{config.model_name}_{config.data.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     validate(config)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process resolves the same config; say it once
+        for key in sorted({key for key, _ in assignments} & set(ONLY_READ_WITH)):
+            is_read, when = ONLY_READ_WITH[key]
+            if not is_read(config):
+                print(f"warning: {key} is read only with {when}; in this run it does nothing", file=sys.stderr)
     return config
 
 
@@ -87,8 +112,9 @@ def check_resume_assignments(config, assignments):
     for key, value in assignments:
         if key in ("name", "output_dir") and value is not None:
             here = Path(config.output_dir) / config.name
-            there = (Path(value) / config.name if key == "output_dir" else Path(config.output_dir) / value)
-            require(there.absolute() == here.absolute(),
+            there = (Path(user_path(value, "--output-dir")) / config.name if key == "output_dir"
+                     else Path(config.output_dir) / value)
+            require(there.resolve() == here.resolve(),
                     f"--resume continues the run in {here}; --{key.replace('_', '-')} {value} would write another "
                     f"run's folder. Copy the folder first to branch it off")
         require(key != "pretrained" or not value,
@@ -218,8 +244,5 @@ def check_run_dir(run_dir: Path, resuming: bool):
     check_not_in_use(run_dir)
     if (run_dir / "last.pt").exists() and not resuming:
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name")
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"cannot write the run directory {run_dir}: {existing} is not a directory")
-    if why := folder_write_error(existing):
-        raise UserError(f"cannot write the run directory {run_dir}: {existing} is not writable ({why})")
+    if why := folder_creation_error(run_dir):
+        raise UserError(f"cannot write the run directory {run_dir}: {why}")

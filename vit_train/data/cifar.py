@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torchvision.datasets.utils import download_url, extract_archive
 
+from vit_train.checkpoint import folder_creation_error
 from vit_train.errors import UserError, first_line
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def fetch_cifar(layout: CifarLayout, data_dir: Path, download: bool) -> None:
     if not archive.is_file():
         if not download:
             raise UserError(f"no {layout.files.base_folder}/ folder in {data_dir} and downloading is off; {where}")
+        if why := folder_creation_error(data_dir):  # checked first: torchvision's failure would name another path
+            raise UserError(f"cannot download into {data_dir}: {why}; {where}")
         created = not data_dir.exists()
         try:
             download_url(layout.files.url, str(data_dir), filename=layout.files.filename, md5=layout.files.tgz_md5)
