@@ -58,7 +58,7 @@ def test_flags_then_sets_override_the_recipe(tmp_path):
 @pytest.mark.parametrize("assignment, message", [
     ("optim.weight_decy=0.1", "unknown config key 'optim.weight_decy'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
-    ("optim.lr=fast", "optim.lr takes a float"),
+    ("optim.lr=fast", "optim.lr takes a number"),
     ("no_equals_sign", "--set takes KEY=VALUE"),
 ])
 def test_bad_set_is_a_user_error(assignment, message, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 import vit_train.train
 from vit_train.budget import Calibration, budget_steps
-from vit_train.checkpoint import load_checkpoint
+from vit_train.checkpoint import load_checkpoint, save_checkpoint
 from vit_train.cli import eval_main, train_main
 from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
@@ -194,3 +194,22 @@ def test_a_setting_the_run_never_reads_is_named_in_a_warning(tmp_path, capsys):
     assert train_main([*common, "--name", "b", "--set", "optim.name=sgd", "--set", "optim.momentum=0.5",
                        "--set", "data.synthetic_train_size=64"]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_outputs_that_overflow_from_finite_weights_stop_the_run_as_diverged(tmp_path):
+    """A weight decay of 1e12 leaves the weights finite but their logits infinite: the evaluation's loss is nan,
+    and that run must not end 'done' with a best.pt of broken weights."""
+    config = resolve_config({**TINY, "schedule.steps": 2, "optim.weight_decay": 1e12, "output_dir": str(tmp_path),
+                             "name": "wd"})
+    with pytest.raises(UserError, match="training diverged"):
+        train(config)
+    assert not (tmp_path / "wd" / "best.pt").exists() and not (tmp_path / "wd" / "last.pt").exists()
+
+
+def test_a_run_saved_with_an_empty_path_still_resumes(tmp_path):
+    """Empty paths are refused when given, not when read back: a run saved before they were refused resumes."""
+    train(resolve_config({**TINY, "schedule.steps": 2, "output_dir": str(tmp_path), "name": "old"}))
+    checkpoint = load_checkpoint(tmp_path / "old" / "last.pt")
+    checkpoint["config"]["data"]["data_dir"] = ""
+    save_checkpoint(checkpoint, tmp_path / "old" / "last.pt")
+    assert train(resolve_config({"resume": str(tmp_path / "old"), "schedule.steps": 3}))["step"] == 3

@@ -157,6 +157,15 @@ def test_memory_exhausted_on_the_cpu_is_one_line_and_keeps_the_last_checkpoint(t
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
+    # A model that cannot fit at all is not a batch problem: the line says so, and nothing is written.
+    huge = subprocess.run([sys.executable, "-m", "vit_train", *common, "--name", "huge", "--steps", "1",
+                           "--set", "model.hidden_size=100000000"], capture_output=True, text=True,
+                          preexec_fn=limit_memory, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert huge.returncode == 2 and huge.stderr.count("\n") == 1, huge.stderr
+    assert huge.stderr.startswith("error: out of memory on cpu building the model itself (testing with hidden size "
+                                  "100000000"), huge.stderr
+    assert not (tmp_path / "huge").exists()
+
 
 def test_a_compiled_run_with_patch_dropout_and_low_resolution_compiles_each_shape_once(tmp_path, capsys):
     import torch._dynamo

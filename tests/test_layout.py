@@ -136,8 +136,13 @@ def test_the_command_line_parses_without_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"the parsers imported {result.stdout.strip()}"
-    usage_error = subprocess.run([sys.executable, "-c", "import sys; from vit_train.cli import train_main; "
-                                  "code = train_main(['--batch', '8']); print('torch' in sys.modules); sys.exit(code)"],
-                                 capture_output=True, text=True, timeout=120)
-    assert usage_error.returncode == 2 and usage_error.stdout.strip() == "False", usage_error
-    assert usage_error.stderr.startswith("error: unrecognized arguments: --batch 8")
+    for command, argv, message in [("train_main", ["--batch", "8"], "unrecognized arguments: --batch 8"),
+                                   ("eval_main", [], "give --checkpoint"),
+                                   ("eval_main", ["--checkpoint", "r", "--img-size", "64"], "--img-size goes with"),
+                                   ("predict_main", ["--checkpoint", "r", "x.png", "--top-k", "0"], "--top-k"),
+                                   ("export_main", ["--checkpoint", "r", "--out", ""], "--out is an empty path")]:
+        usage_error = subprocess.run([sys.executable, "-c", f"import sys; from vit_train.cli import {command}; "
+                                      f"code = {command}({argv!r}); print('torch' in sys.modules); sys.exit(code)"],
+                                     capture_output=True, text=True, timeout=120)
+        assert usage_error.returncode == 2 and usage_error.stdout.strip() == "False", usage_error
+        assert usage_error.stderr.startswith(f"error: {message}") or message in usage_error.stderr, usage_error

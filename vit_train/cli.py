@@ -253,6 +253,14 @@ def apply_eval_flags(config, args):
 def eval_main(argv=None):
     """vit-eval: print the test-set report; --json and --plot write it to files."""
     args = eval_parser().parse_args(argv)
+    if not args.list_pretrained:  # what the arguments alone decide, said before the imports below take seconds
+        if bool(args.checkpoint) == bool(args.pretrained) or bool(args.model) != bool(args.pretrained):
+            raise UserError("give --checkpoint, or --model and --pretrained (see vit-eval --help)")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.checkpoint and args.img_size:
+            raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was "
+                            "trained at")
     from vit_train import evaluate
     from vit_train.hub import check_release_head, check_weights_source, format_releases
     from vit_train.resolve import pretrained_config
@@ -260,16 +268,10 @@ def eval_main(argv=None):
     if args.list_pretrained:
         print(format_releases())
         return 0
-    if bool(args.checkpoint) == bool(args.pretrained) or bool(args.model) != bool(args.pretrained):
-        raise UserError("give --checkpoint, or --model and --pretrained (see vit-eval --help)")
     if args.pretrained:
         check_weights_source(args.pretrained, args.model)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.checkpoint and args.img_size:
-        raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was trained at")
-    for path in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
-        evaluate.check_writable(path)
+    for report_file in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
+        evaluate.check_writable(report_file)
     if args.plot:
         evaluate.require_matplotlib()
     device = resolve_device(args.device)
@@ -304,7 +306,7 @@ def predict_parser():
                     "format, resized and normalised as the test split is.")
     add_checkpoint_flag(parser)
     add_weights_flag(parser)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", type=path("an image path"),
+    parser.add_argument("images", nargs="+", metavar="IMAGE", type=path("IMAGE"),
                         help="image files (PNG, JPEG, ...)")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
     add_device_flag(parser)
@@ -315,10 +317,10 @@ def predict_parser():
 def predict_main(argv=None):
     """vit-predict: for each image, its top-k classes with their probabilities."""
     args = predict_parser().parse_args(argv)
-    from vit_train import evaluate
-    from vit_train.runtime import resolve_device
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    from vit_train import evaluate
+    from vit_train.runtime import resolve_device
     loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
     images = [evaluate.read_image(path) for path in args.images]  # a bad file fails before any output
     for path, image in zip(args.images, images):
@@ -333,7 +335,7 @@ def attention_parser():
                     "CLS token over an image, beside the image, as a PNG; print the top classes.")
     add_checkpoint_flag(parser)
     add_weights_flag(parser)
-    parser.add_argument("image", metavar="IMAGE", type=path("the image path"),
+    parser.add_argument("image", metavar="IMAGE", type=path("IMAGE"),
                         help="an image file of any size (PNG, JPEG, ...)")
     parser.add_argument("--out", required=True, type=path("--out"), metavar="FILE.png", help="the PNG to write")
     add_device_flag(parser)

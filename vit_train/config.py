@@ -29,8 +29,8 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")   # data.name
 NORMALIZATIONS = ("dataset", "inception")                        # data.normalize
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")                    # precision
 # The keys that hold paths (with the flag that sets each): read as user_path reads them.
-PATH_KEYS = {"data.data_dir": "--data-dir", "output_dir": "--output-dir", "pretrained": "--pretrained",
-             "resume": "--resume"}
+PATH_KEYS = {"data.data_dir": "--data-dir (data.data_dir)", "output_dir": "--output-dir (output_dir)",
+             "pretrained": "--pretrained (pretrained)", "resume": "--resume (resume)"}
 # Which weights of a checkpoint the tools use: the EMA average (a run with optim.ema_decay > 0) or the raw ones.
 WEIGHTS = ("ema", "raw")
 
@@ -164,7 +164,9 @@ def set_key(config, key, value):
     try:
         node[leaf] = value
     except TypeError:
-        raise UserError(f"{key} takes a {node.get_type(leaf).__name__}, not {value!r}") from None
+        kind = {int: "an integer", float: "a number", bool: "True or False", str: "a string",
+                tuple: "a tuple such as (0.9, 0.999)"}.get(node.get_type(leaf), f"a {node.get_type(leaf).__name__}")
+        raise UserError(f"{key} takes {kind}, not {value!r}") from None
 
 
 def parse_assignment(text):
@@ -180,5 +182,5 @@ def user_path(text: str, what: str) -> str:
     hand it, so our own checks must look at the same place), and an empty path, usually an unset shell variable,
     is refused rather than read as the current folder or as no value at all."""
     if not text:
-        raise UserError(f"{what} is empty: give a path, or leave {what} out")
+        raise UserError(f"{what} is an empty path (a shell variable that is not set?); give a path")
     return os.path.expanduser(text)

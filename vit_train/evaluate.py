@@ -24,7 +24,7 @@ from vit_train.data import build_loaders, load_rgb, normalization, preprocess_im
 from vit_train.errors import UserError
 from vit_train.models.vit import VisionTransformer
 from vit_train.pretrained import load_pretrained
-from vit_train.runtime import autocast, resolve_precision
+from vit_train.runtime import autocast, device_constant, resolve_precision
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def attention_figure(loaded: LoadedModel, image: torch.Tensor, longer_side=384) 
 def attention_image(model, images: torch.Tensor, data_cfg, longer_side=96) -> torch.Tensor:
     """For TensorBoard: normalised test images (B, 3, S, S) -> one float (3, H, W) image in 0..1 with a row
     [image | attention rollout] per image. `SummaryWriter.add_image(tag, attention_image(...), step)`."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in normalization(data_cfg))
+    mean, std = (device_constant(v, images.device).view(1, 3, 1, 1) for v in normalization(data_cfg))
     was_training = model.training
     model.eval()
     try:

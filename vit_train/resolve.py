@@ -41,10 +41,16 @@ ALTERNATIVE_KEYS = [("schedule.steps", "schedule.epochs", "time_budget"),
                     ("schedule.low_res_steps", "schedule.low_res_fraction")]
 CLEARED = {"schedule.warmup_steps": 0, "schedule.low_res_fraction": 0.0}
 # Keys that only some runs read, with when: one set in a run that never reads it is named in a warning line.
+# (An image folder read by DataLoader workers crops with RandomResizedCrop: no padding.)
+IN_MEMORY = "images held in memory (all but --dataset imagefolder with data.folder_in_memory=False)"
 ONLY_READ_WITH = {
     "optim.momentum": (lambda config: config.optim.name == "sgd", "optim.name=sgd (Muon keeps its own 0.95)"),
     "optim.betas": (lambda config: config.optim.name != "sgd", "optim.name=adamw or muon"),
-    "data.padding_mode": (lambda config: config.data.crop_padding > 0, "data.crop_padding > 0"),
+    "data.crop_padding": (lambda config: config.data.name != "imagefolder" or config.data.folder_in_memory,
+                          IN_MEMORY),
+    "data.padding_mode": (lambda config: config.data.crop_padding > 0 and (config.data.name != "imagefolder"
+                                                                           or config.data.folder_in_memory),
+                          f"data.crop_padding > 0 and {IN_MEMORY}"),
     "data.download": (lambda config: config.data.name in ("cifar10", "cifar100"), "--dataset cifar10 or cifar100"),
     **{f"data.{key}": (lambda config: config.data.name == "imagefolder", "--dataset imagefolder")
        for key in ("num_workers", "folder_in_memory")},
@@ -61,10 +67,11 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
     recipe: a recipe file; by default configs/cifar10_scratch.py, or cifar10_finetune.py with a pretrained model.
     A key set here that this run never reads (ONLY_READ_WITH) is named in a `warning:` line on stderr.
     """
-    assignments = [*(overrides or {}).items(), *map(parse_assignment, sets)]
+    assignments = [(key, user_path(value, PATH_KEYS[key]) if key in PATH_KEYS and value is not None else value)
+                   for key, value in [*(overrides or {}).items(), *map(parse_assignment, sets)]]
     # --set resume=... and --set pretrained=... act as the flags do: they choose where the config comes from.
     given = dict(assignments)
-    resume = None if given.get("resume") is None else user_path(given["resume"], "--resume")
+    resume = given.get("resume")
     assignments = [(key, value) for key, value in assignments if key != "resume"]
     if resume:
         if recipe is not None:
@@ -76,6 +83,8 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
     fixed = fixed_on_resume(config) if resume else {}
     if resume:
         check_resume_assignments(config, assignments)
+    require("num_classes" not in given, "num_classes is the dataset's number of classes, filled in when it is "
+            "read; drop --set num_classes (data.synthetic_num_classes sets the synthetic set's)")
     # model.* keys wait for the model config, which comes from model_name, itself maybe among the assignments.
     for key, value in assignments:
         for alternatives in ALTERNATIVE_KEYS:
@@ -92,9 +101,9 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
             set_key(config, key, value)
     for key, value in fixed.items():
         require(get_key(config, key) == value, f"{key} cannot change when resuming ({value!r} in {resume})")
-    for key, flag in PATH_KEYS.items():
-        if get_key(config, key) is not None:
-            set_key(config, key, user_path(get_key(config, key), f"{flag} ({key})"))
+    for key in PATH_KEYS:  # a recipe's paths too (a saved empty path, from before they were refused, stays)
+        if get_key(config, key):
+            set_key(config, key, os.path.expanduser(get_key(config, key)))
     if config.name is None:
         config.name = f"{config.model_name}_{config.data.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     validate(config)
@@ -112,8 +121,7 @@ def check_resume_assignments(config, assignments):
     for key, value in assignments:
         if key in ("name", "output_dir") and value is not None:
             here = Path(config.output_dir) / config.name
-            there = (Path(user_path(value, "--output-dir")) / config.name if key == "output_dir"
-                     else Path(config.output_dir) / value)
+            there = Path(value) / config.name if key == "output_dir" else Path(config.output_dir) / value
             require(there.resolve() == here.resolve(),
                     f"--resume continues the run in {here}; --{key.replace('_', '-')} {value} would write another "
                     f"run's folder. Copy the folder first to branch it off")
@@ -140,7 +148,6 @@ def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
     config.model = get_config(model_name)
     config.img_size = img_size or config.img_size
     return config
-
 
 
 def resumed_config(resume) -> ml_collections.ConfigDict:

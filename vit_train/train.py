@@ -1,4 +1,4 @@
-"""Train a Vision Transformer: `train(config)` runs one resolved config (see vit_train/config.py) to its end.
+"""Train a Vision Transformer: `train(config)` runs one resolved config (see vit_train/resolve.py) to its end.
 
     vit-train --model ViT-B_16 --dataset cifar10                           one process: the CPU or one GPU
     torchrun --nproc_per_node 8 -m vit_train --model ViT-B_16 ...          DistributedDataParallel, same flags
@@ -217,6 +217,9 @@ class Run:
         if state.ema is not None:
             metrics["eval_ema_loss"], metrics["eval_ema_accuracy"] = evaluate_model(
                 state.ema.model, self.loaders.test, device, self.precision)
+        if not all(math.isfinite(metrics[key]) for key in metrics if key.endswith("_loss")):
+            # finite weights can still be too large for their outputs (a huge weight decay): nothing to keep
+            raise diverged(state.step, self.run_dir, self.saved_step)
         state.metrics = {"step": state.step, **metrics}
         if self.log:
             self.log.eval({**state.metrics, "epoch": state.step / state.steps_per_epoch, **logged},
@@ -236,7 +239,15 @@ def build_run(config, rank, world_size, device) -> Run:
         loaders = build_loaders(config.data, img_size=config.img_size, batch_size=config.batch_size // world_size,
                                 eval_batch_size=config.eval_batch_size, device=device, seed=config.seed, rank=rank,
                                 world_size=world_size)
-    model = VisionTransformer(config.model, config.img_size, loaders.num_classes).to(device)
+    try:
+        model = VisionTransformer(config.model, config.img_size, loaders.num_classes).to(device)
+    except (RuntimeError, MemoryError) as error:  # before any batch: no batch size would help (memory_advice)
+        if not out_of_memory(error):
+            raise
+        model_cfg = config.model
+        raise UserError(f"out of memory on {device} building the model itself ({config.model_name} with hidden size "
+                        f"{model_cfg.hidden_size}, {model_cfg.transformer.num_layers} layers, MLP "
+                        f"{model_cfg.transformer.mlp_dim}); choose a smaller --model or model.* sizes") from None
     if config.pretrained and not config.resume:
         notes = load_pretrained(model, config.pretrained)
         if rank == 0:

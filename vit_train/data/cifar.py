@@ -41,9 +41,10 @@ class ImageArrays:
 def load_cifar(name: str, data_dir: str, download: bool) -> tuple[ImageArrays, ImageArrays, list[str]]:
     """(train, test, class names) of CIFAR-10 or CIFAR-100 under data_dir, fetching it first if allowed."""
     layout = CIFAR_LAYOUTS[name]
-    folder = Path(data_dir) / layout.files.base_folder
+    data_dir = Path(data_dir).expanduser()  # as torchvision's download reads it
+    folder = data_dir / layout.files.base_folder
     if not folder.is_dir():
-        fetch_cifar(layout, Path(data_dir), download)
+        fetch_cifar(layout, data_dir, download)
     train = read_cifar_split(folder, [f for f, _md5 in layout.files.train_list], layout)
     test = read_cifar_split(folder, [f for f, _md5 in layout.files.test_list], layout)
     return train, test, read_cifar_class_names(folder, layout)

@@ -73,7 +73,7 @@ def folder_data(data_cfg, img_size: int, device: torch.device) -> tuple:
     """(train, test, class names, how they were read) of root/train/<class>/* and root/val (or root/test)/<class>/*,
     the folders scanned once: ImageArrays decoded at img_size (decoded_splits) when they fit in memory and
     data.folder_in_memory is on, else FolderSources for DataLoader workers (worker_transforms)."""
-    root = Path(data_cfg.data_dir)
+    root = Path(data_cfg.data_dir).expanduser()  # as torchvision's ImageFolder reads it
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise UserError(f"{root} needs train/<class>/* and val/<class>/* (or test/<class>/*) folders for "

@@ -20,6 +20,8 @@ from vit_train.errors import UserError
 from vit_train.models.configs import apply_overrides, get_config
 from vit_train.models.resnet import ResNetV2, resnet_downsample
 
+# The largest image side a config may ask for: at 16384 px a 16-px-patch ViT already sees a million tokens.
+MAX_IMAGE_SIZE = 16384
 LAYER_NORM_EPS = 1e-6  # as in the original Flax code (HF's 1e-12 default differs)
 
 
@@ -352,10 +354,16 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
     for key, rate in rates.items():  # a rate of 1 would drop everything and divide by 0
         if not 0 <= rate < 1:
             raise UserError(f"{key} is a probability in [0, 1), got {rate}")
-    if config.representation_size is not None and config.representation_size <= 0:
-        raise UserError(f"{name}: representation_size must be positive or None, got {config.representation_size}")
-    if img_size <= 0:
-        raise UserError(f"image size must be positive, not {img_size}")
+    representation_size = config.representation_size
+    if representation_size is not None and (type(representation_size) is not int or representation_size <= 0):
+        raise UserError(f"{name}: representation_size must be a positive integer or None, got {representation_size!r}")
+    resnet = config.get("resnet")
+    if resnet is not None and not (isinstance(resnet, (dict, ml_collections.ConfigDict))
+                                   and {"num_layers", "width_factor"} <= set(resnet)):
+        raise UserError(f"model.resnet is the hybrid's ResNet stem, which a model name such as R50-ViT-B_16 sets "
+                        f"(num_layers, width_factor); got {resnet!r}")
+    if not 0 < img_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"image size must be between 1 and {MAX_IMAGE_SIZE} pixels, not {img_size}")
     size = tuple(config.patches.size)
     if len(size) != 2 or size[0] != size[1] or not isinstance(size[0], int):  # a square P×P convolution embeds
         raise UserError(f"model.patches.size must be a square (P, P) of pixels, got {size}; e.g. (4, 4)")
