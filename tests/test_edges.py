@@ -13,7 +13,7 @@ import torch
 import vit_train.train
 from vit_train.budget import Calibration, budget_steps
 from vit_train.checkpoint import load_checkpoint, save_checkpoint
-from vit_train.cli import eval_main, train_main
+from vit_train.cli import eval_main, export_main, train_main
 from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
 from vit_train.optim import Plan
@@ -213,3 +213,23 @@ def test_a_run_saved_with_an_empty_path_still_resumes(tmp_path):
     checkpoint["config"]["data"]["data_dir"] = ""
     save_checkpoint(checkpoint, tmp_path / "old" / "last.pt")
     assert train(resolve_config({"resume": str(tmp_path / "old"), "schedule.steps": 3}))["step"] == 3
+
+
+def test_an_export_that_does_not_fit_leaves_the_pair_as_it_was(small_disk, tmp_path, capsys):
+    """The weights and their card change together: when either cannot be written, neither changes (a new
+    weights file without its card, or an old card beside new weights, would load the wrong way)."""
+    train(resolve_config({**TINY, "schedule.steps": 1, "output_dir": str(tmp_path), "name": "r"}))
+    disk = small_disk("512k")
+    assert export_main(["--checkpoint", str(tmp_path / "r"), "--out", str(disk / "vit.pth")]) == 0
+    pair = {name: (disk / name).read_bytes() for name in ("vit.json", "vit.pth")}
+    weight_pages = -(-len(pair["vit.pth"]) // 4096)
+    capsys.readouterr()
+    # room for half the weights, over the old pair and beside it; for new weights but not their card too
+    for room, out in [(weight_pages // 2, "vit.pth"), (weight_pages // 2, "new.pth"), (weight_pages, "new.pth")]:
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - room * 4096))
+        assert export_main(["--checkpoint", str(tmp_path / "r"), "--out", str(disk / out)]) == 2, (room, out)
+        err = capsys.readouterr().err
+        assert err.startswith("error: could not write ") and err.count("\n") == 1, err
+        (disk / "filler").unlink()
+        assert {p.name: p.read_bytes() for p in disk.iterdir()} == pair

@@ -395,8 +395,17 @@ def export(loaded: LoadedModel, out) -> Path:
                  **timm_arguments(loaded)},
     }
     state_dict = {key: value.detach().cpu().contiguous() for key, value in loaded.model.state_dict().items()}
-    save_checkpoint(state_dict, out)
+    # The pair changes together: the small card first, put back as it was if the weights cannot be written.
+    previous_card = config_path.read_bytes() if config_path.exists() else None
     write_atomically(config_path, lambda f: f.write((json.dumps(card, indent=2) + "\n").encode()))
+    try:
+        save_checkpoint(state_dict, out)
+    except UserError:
+        if previous_card is None:
+            config_path.unlink()
+        else:
+            write_atomically(config_path, lambda f: f.write(previous_card))
+        raise
     return config_path
 
 
