@@ -146,3 +146,8 @@ def test_the_command_line_parses_without_torch():
                                      capture_output=True, text=True, timeout=120)
         assert usage_error.returncode == 2 and usage_error.stdout.strip() == "False", usage_error
         assert usage_error.stderr.startswith(f"error: {message}") or message in usage_error.stderr, usage_error
+    listing = subprocess.run([sys.executable, "-c", "import sys; from vit_train.cli import eval_main, train_main; "
+                              "codes = [train_main(['--list-models']), train_main(['--list-pretrained']), "
+                              "eval_main(['--list-pretrained'])]; print(codes, 'torch' in sys.modules)"],
+                             capture_output=True, text=True, timeout=120)
+    assert listing.stdout.strip().endswith("[0, 0, 0] False"), listing

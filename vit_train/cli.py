@@ -162,11 +162,11 @@ def train_main(argv=None):
         print("\n".join(list_models()))
         return 0
     from vit_train.hub import format_releases
-    from vit_train.resolve import resolve_config
-    from vit_train.train import train
     if args.list_pretrained:
         print(format_releases())
         return 0
+    from vit_train.resolve import resolve_config
+    from vit_train.train import train
     flags = dict(vars(args))
     recipe, sets = flags.pop("config"), flags.pop("set")
     del flags["list_models"], flags["list_pretrained"]
@@ -261,13 +261,13 @@ def eval_main(argv=None):
         if args.checkpoint and args.img_size:
             raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was "
                             "trained at")
-    from vit_train import evaluate
     from vit_train.hub import check_release_head, check_weights_source, format_releases
-    from vit_train.resolve import pretrained_config
-    from vit_train.runtime import resolve_device, resolve_precision, slow_precision_warning
     if args.list_pretrained:
         print(format_releases())
         return 0
+    from vit_train import evaluate
+    from vit_train.resolve import pretrained_config
+    from vit_train.runtime import resolve_device, resolve_precision, slow_precision_warning
     if args.pretrained:
         check_weights_source(args.pretrained, args.model)
     for report_file in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation

@@ -38,8 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vit_train.errors import UserError, first_line
-from vit_train.models.configs import get_config
-from vit_train.models.vit import patch_stride
+from vit_train.models.configs import get_config, patch_stride
 
 
 @dataclass(frozen=True)

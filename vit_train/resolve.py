@@ -24,8 +24,7 @@ from vit_train.config import (DEFAULT_RECIPES, PATH_KEYS, PRECISIONS, base_confi
 from vit_train.data.loaders import check_data_config, saved_data_config
 from vit_train.errors import UserError
 from vit_train.hub import check_weights_source
-from vit_train.models.configs import get_config
-from vit_train.models.vit import check_config as check_model_config, patch_stride
+from vit_train.models.configs import check_config as check_model_config, get_config, patch_stride
 from vit_train.optim import OPTIMIZERS, SCHEDULES
 from vit_train.report import flatten
 from vit_train.runtime import resolve_device

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit_train.models.configs import resnet_downsample
+
 GROUP_NORM_EPS = 1e-6  # Flax's GroupNorm default
 WEIGHT_STD_EPS = 1e-5  # as in the original StdConv: (w - mean) / (std + eps)
 
@@ -91,8 +93,3 @@ class ResNetV2(nn.Module):
         x = F.relu(self.root_gn(self.root_conv(x)))
         x = F.max_pool2d(pad_same(x, 3, 2, value=float("-inf")), 3, 2)
         return self.stages(x)
-
-
-def resnet_downsample(num_layers) -> int:
-    """How much the stem shrinks the image: 2 (root) × 2 (pool) × 2 for every stage after the first."""
-    return 2 ** (len(num_layers) + 1)

@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_train.errors import UserError
-from vit_train.models.configs import apply_overrides, get_config
-from vit_train.models.resnet import ResNetV2, resnet_downsample
+from vit_train.models.configs import apply_overrides, check_config, get_config
+from vit_train.models.resnet import ResNetV2
 
-# The largest image side a config may ask for: at 16384 px a 16-px-patch ViT already sees a million tokens.
-MAX_IMAGE_SIZE = 16384
 LAYER_NORM_EPS = 1e-6  # as in the original Flax code (HF's 1e-12 default differs)
 
 
@@ -322,60 +319,6 @@ def resize_position_grid(pos_embed: torch.Tensor, num_prefix_tokens: int, grid: 
     patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
     patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False, antialias=False)
     return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
-
-
-def patch_stride(config: ml_collections.ConfigDict) -> int:
-    """Pixels per patch side in the input image: the patch size, times the hybrid's stem downsampling."""
-    downsample = resnet_downsample(config.resnet.num_layers) if config.resnet is not None else 1
-    return config.patches.size[0] * downsample
-
-
-def check_config(config: ml_collections.ConfigDict, img_size: int):
-    """Reject configurations that cannot build a network, with a message that says how to fix them."""
-    name = config.get("name", "model")
-    hidden_size, heads = config.hidden_size, config.transformer.num_heads
-    if min(hidden_size, heads, config.transformer.mlp_dim, config.transformer.num_layers) <= 0:
-        raise UserError(f"{name}: hidden_size, mlp_dim, num_heads and num_layers must be positive")
-    if hidden_size % heads:
-        raise UserError(f"{name}: hidden size {hidden_size} is not divisible by {heads} heads; change one of them")
-    if config.classifier not in ("token", "gap"):
-        raise UserError(f"{name}: classifier must be 'token' or 'gap', not {config.classifier!r}")
-    attention_init = config.get("attention_init", "xavier")
-    if attention_init not in ("xavier", "mimetic"):
-        raise UserError(f"{name}: attention_init must be 'xavier' or 'mimetic', not {attention_init!r}")
-    position_embedding = config.get("position_embedding", "learned")
-    if position_embedding not in ("learned", "sincos2d"):
-        raise UserError(f"{name}: position_embedding must be 'learned' or 'sincos2d', not {position_embedding!r}")
-    if position_embedding == "sincos2d" and hidden_size % 4:
-        raise UserError(f"{name}: sincos2d position embeddings need a hidden size divisible by 4, not {hidden_size}")
-    rates = {f"model.transformer.{key}": config.transformer.get(key, 0.0)
-             for key in ("dropout_rate", "attention_dropout_rate", "drop_path_rate")}
-    rates["model.patch_dropout"] = config.get("patch_dropout", 0.0)
-    for key, rate in rates.items():  # a rate of 1 would drop everything and divide by 0
-        if not 0 <= rate < 1:
-            raise UserError(f"{key} is a probability in [0, 1), got {rate}")
-    representation_size = config.representation_size
-    if representation_size is not None and (type(representation_size) is not int or representation_size <= 0):
-        raise UserError(f"{name}: representation_size must be a positive integer or None, got {representation_size!r}")
-    resnet = config.get("resnet")
-    if resnet is not None and not (isinstance(resnet, (dict, ml_collections.ConfigDict))
-                                   and {"num_layers", "width_factor"} <= set(resnet)):
-        raise UserError(f"model.resnet is the hybrid's ResNet stem, which a model name such as R50-ViT-B_16 sets "
-                        f"(num_layers, width_factor); got {resnet!r}")
-    if not 0 < img_size <= MAX_IMAGE_SIZE:
-        raise UserError(f"image size must be between 1 and {MAX_IMAGE_SIZE} pixels, not {img_size}")
-    size = tuple(config.patches.size)
-    if len(size) != 2 or size[0] != size[1] or not isinstance(size[0], int):  # a square P×P convolution embeds
-        raise UserError(f"model.patches.size must be a square (P, P) of pixels, got {size}; e.g. (4, 4)")
-    patch_size = size[0]
-    downsample = patch_stride(config) // patch_size if patch_size > 0 else 1
-    if patch_size <= 0 or img_size % (patch_size * downsample):
-        what = f"the ResNet stem's 16× downsampling times patch size {patch_size}" if downsample > 1 else (
-            f"patch size {patch_size}")
-        raise UserError(
-            f"{name}: {what} does not divide the image size {img_size}; pick an image size that is a multiple "
-            f"of {patch_size * downsample} or another patch size"
-        )
 
 
 def create_model(name: str, img_size: int = 32, num_classes: int = 10, **overrides) -> nn.Module:
