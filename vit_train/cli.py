@@ -256,8 +256,9 @@ def eval_main(argv=None):
     if not args.list_pretrained:  # what the arguments alone decide, said before the imports below take seconds
         if bool(args.checkpoint) == bool(args.pretrained) or bool(args.model) != bool(args.pretrained):
             raise UserError("give --checkpoint, or --model and --pretrained (see vit-eval --help)")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+        for flag, value in {"--batch-size": args.batch_size, "--img-size": args.img_size}.items():
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
         if args.checkpoint and args.img_size:
             raise UserError("--img-size goes with --pretrained; a checkpoint is evaluated at the size it was "
                             "trained at")

@@ -145,7 +145,7 @@ def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
     config = load_recipe(DEFAULT_RECIPES[True])
     config.model_name = model_name
     config.model = get_config(model_name)
-    config.img_size = img_size or config.img_size
+    config.img_size = config.img_size if img_size is None else img_size
     return config
 
 
