@@ -136,6 +136,8 @@ CASES = [
     ("vit-train", "fractional representation size", [*TRAIN, "--set", "model.representation_size=0.5"],
      "representation_size must be a positive integer"),
     ("vit-train", "a number as the ResNet stem", [*TRAIN, "--set", "model.resnet=2"], "model.resnet is the hybrid's"),
+    ("vit-train", "a model that cannot fit in memory", [*TRAIN, "--set", "model.transformer.num_layers=10000000000"],
+     "training needs at least"),
     ("vit-train", "num_classes set by hand", [*TRAIN, "--set", "num_classes=3"], "num_classes is the dataset's"),
     # vit-train: empty paths (an unset shell variable, quoted) are not "no value" nor the current folder
     ("vit-train", "empty --resume", [*TRAIN, "--resume", ""], "--resume (resume) is an empty path"),

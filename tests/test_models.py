@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vit_train.errors import UserError
-from vit_train.models import get_config, list_models
+from vit_train.models import apply_overrides, get_config, list_models
+from vit_train.models.configs import block_parameters
 from vit_train.models.vit import create_model
 from vit_train.pretrained import load_pretrained
 
@@ -290,3 +291,12 @@ def test_safetensors_and_vit_train_checkpoints_load(tmp_path):
         assert load_pretrained(ours, tmp_path / name) == []
         with torch.no_grad():
             assert torch.equal(ours(images), source(images))
+
+
+@pytest.mark.parametrize("name, overrides", [("testing", {}), ("ViT-Ti_4", {"num_layers": 3, "mlp_dim": 200}),
+                                             ("R50-ViT-B_16", {"num_layers": 1})])
+def test_block_parameters_counts_the_blocks_exactly(name, overrides):
+    """The memory check before building (resolve.validate) counts the blocks from the config alone."""
+    config = apply_overrides(get_config(name), **overrides)
+    model = create_model(name, img_size=224 if "R50" in name else 32, **overrides)
+    assert block_parameters(config) == sum(p.numel() for p in model.blocks.parameters())

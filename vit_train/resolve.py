@@ -24,10 +24,10 @@ from vit_train.config import (DEFAULT_RECIPES, PATH_KEYS, PRECISIONS, base_confi
 from vit_train.data.loaders import check_data_config, saved_data_config
 from vit_train.errors import UserError
 from vit_train.hub import check_weights_source
-from vit_train.models.configs import check_config as check_model_config, get_config, patch_stride
+from vit_train.models.configs import block_parameters, check_config as check_model_config, get_config, patch_stride
 from vit_train.optim import OPTIMIZERS, SCHEDULES
 from vit_train.report import flatten
-from vit_train.runtime import resolve_device
+from vit_train.runtime import device_memory, resolve_device
 
 # A resumed run keeps the network and the data it was trained on: these keys, and every model.* key but those of
 # regularisation (dropout_rate, attention_dropout_rate, drop_path_rate, patch_dropout), which shape no weight.
@@ -231,7 +231,12 @@ def validate(config):
     require(config.batch_size % (config.grad_accum * world_size) == 0,
             f"batch size {config.batch_size} is not divisible by grad accumulation {config.grad_accum} x "
             f"{world_size} processes; the step's batch must split evenly")
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    # Training holds at least weights, gradients and one optimizer state per parameter, 4 bytes each.
+    need, have = 12 * block_parameters(config.model), device_memory(device)
+    require(need <= have, f"{config.model_name} with these sizes has over {block_parameters(config.model):.2g} "
+            f"parameters: training needs at least {need / 2**30:.3g} GiB (weights, gradients, optimizer state), more "
+            f"than the {have / 2**30:.3g} GiB of {device}; choose a smaller --model or model.* sizes")
     if config.pretrained and not config.resume:
         check_weights_source(config.pretrained, config.model_name)
     check_run_dir(Path(config.output_dir) / config.name, resuming=bool(config.resume))

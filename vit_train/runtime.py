@@ -34,6 +34,18 @@ def resolve_device(name, local_rank=0):
     return device
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory a process on `device` can have at most: the GPU's, or the machine's (or its cgroup's limit,
+    when lower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            limits.append(int(open(path).read()))
+    return min(limits)
+
+
 def resolve_precision(precision, device):
     """'auto' is bf16 autocast on GPUs that support it, else fp16 with loss scaling; fp32 on the CPU, where bf16
     is opt-in (--precision bf16 runs matmuls about twice as fast on CPUs with bf16 instructions, and far slower on

@@ -180,3 +180,10 @@ def check_config(config: ml_collections.ConfigDict, img_size: int):
             f"{name}: {what} does not divide the image size {img_size}; pick an image size that is a multiple "
             f"of {patch_size * downsample} or another patch size"
         )
+
+
+def block_parameters(config: ml_collections.ConfigDict) -> int:
+    """The parameters of the transformer blocks alone, a lower bound on the model's (without embeddings, head or
+    stem): per block two LayerNorms, qkv and the output projection, and the MLP's two layers, biases included."""
+    width, mlp = config.hidden_size, config.transformer.mlp_dim
+    return config.transformer.num_layers * (4 * width * width + 2 * width * mlp + 9 * width + mlp)
