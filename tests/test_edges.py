@@ -17,7 +17,7 @@ from vit_train.cli import eval_main, export_main, train_main
 from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
 from vit_train.optim import Plan
-from vit_train.report import duration_line, end_time
+from vit_train.report import duration_line, end_time, format_duration
 from vit_train.train import train
 
 from test_data import write_image_folder
@@ -31,7 +31,8 @@ TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train
 
 
 def test_lengths_beyond_any_calendar_still_print():
-    assert end_time(3.6e12) == "in 1.14e+05 years" and end_time(400 * 86400) == "in 1.1 years"
+    assert end_time(3.6e12) == "1.14e+05 years from now" and end_time(400 * 86400) == "1.1 years from now"
+    assert format_duration(1e18 * 3600) == "1.14e+14 years" and format_duration(364 * 86400) == "364 days 0:00:00"
     line = duration_line(1e14 * 0.01, torch.device("cpu"), steps=10**14, steps_per_epoch=16)
     assert "100000000000000 steps" in line and "years" in line
 

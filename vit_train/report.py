@@ -21,8 +21,14 @@ ESTIMATE_AFTER_STEPS = 5
 LONG_CPU_RUN_SECONDS = 2 * 3600
 
 
+YEAR_S = 365.25 * 86400
+
+
 def format_duration(seconds) -> str:
-    """3725 -> '1:02:05', 95000 -> '1 day 2:23:20': days never wrap into hours."""
+    """3725 -> '1:02:05', 95000 -> '1 day 2:23:20' (days never wrap into hours); beyond a year '3.2 years', and
+    '1.1e+14 years' for any length a flag allows."""
+    if seconds >= 365 * 86400:
+        return f"{seconds / YEAR_S:.3g} years"
     days, rest = divmod(int(round(seconds)), 86400)
     hours, rest = divmod(rest, 3600)
     clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
@@ -30,10 +36,10 @@ def format_duration(seconds) -> str:
 
 
 def end_time(seconds_from_now) -> str:
-    """'14:05' today, 'Tue 01 Dec 14:05' within a year, 'in 3.2 years' (or 'in 4.1e+05 years') beyond: any length a
-    flag allows prints, where a date in the year 10000 would overflow."""
+    """'14:05' today, 'Tue 01 Dec 14:05' within a year, '3.2 years from now' (or '4.1e+05 years from now') beyond:
+    any length a flag allows prints, where a date in the year 10000 would overflow."""
     if seconds_from_now >= 365 * 86400:
-        return f"in {seconds_from_now / (365.25 * 86400):.3g} years"
+        return f"{format_duration(seconds_from_now)} from now"
     at = datetime.datetime.now() + datetime.timedelta(seconds=seconds_from_now)
     return at.strftime("%H:%M" if seconds_from_now < 20 * 3600 else "%a %d %b %H:%M")
 
