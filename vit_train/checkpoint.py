@@ -93,15 +93,19 @@ def owned_folder(folder, resuming: bool):
     except OSError:
         pass  # a filesystem without locks (some network mounts): nothing can be held, the run goes on
     try:
-        if (folder / "last.pt").exists() and not resuming:  # a run that ended while this one was starting
-            raise UserError(f"{folder} already holds a run; continue it with --resume {folder} or choose another "
-                            "--name")
+        check_no_other_run(folder, resuming)  # again: a run may have ended there while this one was starting
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield folder
     finally:
         lock.close()
+
+
+def check_no_other_run(folder, resuming: bool):
+    """A folder that holds a run's last.pt is continued with --resume, never started over."""
+    if (Path(folder) / "last.pt").exists() and not resuming:
+        raise UserError(f"{folder} already holds a run; continue it with --resume {folder} or choose another --name")
 
 
 def check_not_in_use(folder):

@@ -18,7 +18,8 @@ from pathlib import Path
 import ml_collections
 
 from vit_train.budget import budget_seconds
-from vit_train.checkpoint import check_not_in_use, checkpoint_path, folder_creation_error, load_checkpoint
+from vit_train.checkpoint import (check_no_other_run, check_not_in_use, checkpoint_path, folder_creation_error,
+                                  load_checkpoint)
 from vit_train.config import (DEFAULT_RECIPES, PATH_KEYS, PRECISIONS, base_config, get_key, load_recipe,
                               parse_assignment, set_key, user_path)
 from vit_train.data.loaders import check_data_config, saved_data_config
@@ -39,16 +40,21 @@ ALTERNATIVE_KEYS = [("schedule.steps", "schedule.epochs", "time_budget"),
                     ("schedule.warmup_steps", "schedule.warmup_fraction"),
                     ("schedule.low_res_steps", "schedule.low_res_fraction")]
 CLEARED = {"schedule.warmup_steps": 0, "schedule.low_res_fraction": 0.0}
-# Keys that only some runs read, with when: one set in a run that never reads it is named in a warning line.
-# (An image folder read by DataLoader workers crops with RandomResizedCrop: no padding.)
 IN_MEMORY = "images held in memory (all but --dataset imagefolder with data.folder_in_memory=False)"
+
+
+def in_memory(config) -> bool:
+    """Whether the run's images are held in memory and cropped from padding there (IN_MEMORY); an image folder
+    read by DataLoader workers crops with RandomResizedCrop instead."""
+    return config.data.name != "imagefolder" or config.data.folder_in_memory
+
+
+# Keys that only some runs read, with when: one set in a run that never reads it is named in a warning line.
 ONLY_READ_WITH = {
     "optim.momentum": (lambda config: config.optim.name == "sgd", "optim.name=sgd (Muon keeps its own 0.95)"),
     "optim.betas": (lambda config: config.optim.name != "sgd", "optim.name=adamw or muon"),
-    "data.crop_padding": (lambda config: config.data.name != "imagefolder" or config.data.folder_in_memory,
-                          IN_MEMORY),
-    "data.padding_mode": (lambda config: config.data.crop_padding > 0 and (config.data.name != "imagefolder"
-                                                                           or config.data.folder_in_memory),
+    "data.crop_padding": (in_memory, IN_MEMORY),
+    "data.padding_mode": (lambda config: config.data.crop_padding > 0 and in_memory(config),
                           f"data.crop_padding > 0 and {IN_MEMORY}"),
     "data.download": (lambda config: config.data.name in ("cifar10", "cifar100"), "--dataset cifar10 or cifar100"),
     **{f"data.{key}": (lambda config: config.data.name == "imagefolder", "--dataset imagefolder")
@@ -233,8 +239,9 @@ def validate(config):
             f"{world_size} processes; the step's batch must split evenly")
     device = resolve_device(config.device)
     # Training holds at least weights, gradients and one optimizer state per parameter, 4 bytes each.
-    need, have = 12 * block_parameters(config.model), device_memory(device)
-    require(need <= have, f"{config.model_name} with these sizes has over {block_parameters(config.model):.2g} "
+    parameters = block_parameters(config.model)
+    need, have = 12 * parameters, device_memory(device)
+    require(need <= have, f"{config.model_name} with these sizes has over {parameters:.2g} "
             f"parameters: training needs at least {need / 2**30:.3g} GiB (weights, gradients, optimizer state), more "
             f"than the {have / 2**30:.3g} GiB of {device}; choose a smaller --model or model.* sizes")
     if config.pretrained and not config.resume:
@@ -253,7 +260,6 @@ def check_run_dir(run_dir: Path, resuming: bool):
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} exists and is not a directory; choose another --output-dir/--name")
     check_not_in_use(run_dir)
-    if (run_dir / "last.pt").exists() and not resuming:
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name")
+    check_no_other_run(run_dir, resuming)
     if why := folder_creation_error(run_dir):
         raise UserError(f"cannot write the run directory {run_dir}: {why}")

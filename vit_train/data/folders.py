@@ -82,7 +82,7 @@ def folder_data(data_cfg, img_size: int, device: torch.device) -> tuple:
     if test.classes != train.classes:
         raise UserError(f"{test_dir} and {root / 'train'} hold different class folders; give them the same ones")
     fits = (len(train) + len(test)) * 3 * img_size**2 <= IN_MEMORY_BYTES
-    if data_cfg.get("folder_in_memory", True) and fits:
+    if data_cfg.folder_in_memory and fits:
         decoded_train, decoded_test, note = decoded_splits(train, test, img_size)
         return decoded_train, decoded_test, train.classes, note
     train.transform, test.transform = worker_transforms(data_cfg, img_size)
