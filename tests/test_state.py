@@ -119,17 +119,53 @@ def test_a_resumed_run_given_a_new_length_keeps_its_boundaries_and_follows_the_n
     assert lrs[0] == pytest.approx(3e-3 * warmup_cosine(20, 5, 30)) and len(lrs) == 10
 
 
-def test_a_checkpoint_written_before_the_run_state_resumes_exactly_and_evaluates(tmp_path, capsys):
-    """tests/fixtures/round2_step3.pt: step 3 of a 6-step run (EMA, warm-up fraction, progressive resizing),
-    written by the code before this layout (scheduler, epoch, batch_in_epoch keys; -1.0 for no best)."""
-    old = load_checkpoint(FIXTURES / "round2_step3.pt")
-    assert {"scheduler", "epoch", "batch_in_epoch"} <= old.keys() and "low_res_steps" not in old["config"]["schedule"]
-    run_dir = tmp_path / "round2"
+def resume_copy(fixture, run_dir, stop_after=None, monkeypatch=None):
+    """Resume a copy of a checkpoint file in run_dir; with stop_after, SIGTERM after that many steps (the step
+    finishes and is saved), then resume again: the run in two legs."""
     run_dir.mkdir()
-    shutil.copy(FIXTURES / "round2_step3.pt", run_dir / "last.pt")
-    resumed = train(resolve_config({"resume": str(run_dir)}))
+    shutil.copy(fixture, run_dir / "last.pt")
+    if stop_after is None:
+        return train(resolve_config({"resume": str(run_dir)}))
+    real_step, steps = vit_train.train.train_step, []
 
-    saved = copy.deepcopy(old["config"])  # the same run from its start, by today's code
+    def step_then_sigterm(*args):
+        steps.append(real_step(*args))
+        if len(steps) == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return steps[-1]
+
+    monkeypatch.setattr(vit_train.train, "train_step", step_then_sigterm)
+    stopped = train(resolve_config({"resume": str(run_dir)}))
+    monkeypatch.undo()
+    assert stopped["stopped_by"] == signal.SIGTERM and len(steps) == stop_after
+    return train(resolve_config({"resume": str(run_dir)}))
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
+
+
+def test_a_checkpoint_written_before_the_run_state_resumes_exactly_and_evaluates(tmp_path, capsys, monkeypatch):
+    """tests/fixtures/round2_step3.pt: step 3 of a 6-step run (EMA, warm-up fraction, progressive resizing),
+    written by the code before this layout (scheduler, epoch, batch_in_epoch keys; -1.0 for no best), on another
+    processor. What must hold everywhere is checked exactly: it loads, resumes, and a resume stopped and resumed
+    again ends bit for bit where a straight resume from the same file ends, on this machine. Numbers recorded on
+    the fixture's machine are checked within a tolerance only (see below)."""
+    fixture = FIXTURES / "round2_step3.pt"
+    old = load_checkpoint(fixture)
+    assert {"scheduler", "epoch", "batch_in_epoch"} <= old.keys() and "low_res_steps" not in old["config"]["schedule"]
+    straight = resume_copy(fixture, tmp_path / "straight")
+    two_legs = resume_copy(fixture, tmp_path / "two_legs", stop_after=1, monkeypatch=monkeypatch)
+    assert straight["step"] == two_legs["step"] == 6
+    assert (straight["eval_loss"], straight["eval_ema_accuracy"]) == (two_legs["eval_loss"],
+                                                                       two_legs["eval_ema_accuracy"])
+    assert same_weights(load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "two_legs"))
+
+    # The same run from its start, by today's code on this processor. Its first three steps were recorded on the
+    # fixture's processor: kernels that sum in another order (AVX2 against AVX-512) differ by float32 rounding,
+    # seen up to 3e-5 in a loss after three steps, so the agreement is within a tolerance a hundred times that,
+    # far below what a real change (another schedule, augmentation, or a lost optimizer state) moves.
+    saved = copy.deepcopy(old["config"])
     settings = {"model_name": "testing", "data.name": "synthetic", "batch_size": 16, "optim.lr": 3e-3,
                 "output_dir": str(tmp_path), "name": "today", "quiet": True}
     for key in ("synthetic_train_size", "synthetic_test_size", "auto_augment", "random_erasing", "mixup_alpha",
@@ -139,12 +175,12 @@ def test_a_checkpoint_written_before_the_run_state_resumes_exactly_and_evaluates
         settings[f"schedule.{key}"] = saved["schedule"][key]
     settings.update({"schedule.steps": 6, "optim.ema_decay": 0.9, "eval_every": 3, "save_every": 3})
     today = train(resolve_config(settings))
-    assert resumed["step"] == today["step"] == 6
-    assert (resumed["eval_loss"], resumed["eval_ema_accuracy"]) == (today["eval_loss"], today["eval_ema_accuracy"])
-    a, b = load_checkpoint(run_dir), load_checkpoint(tmp_path / "today")
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert today["step"] == 6
+    assert today["eval_loss"] == pytest.approx(straight["eval_loss"], abs=3e-3)
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "today")
+    assert all(torch.allclose(a["ema"][k], b["ema"][k], atol=3e-3) for k in a["ema"])
 
     capsys.readouterr()
-    shutil.copy(FIXTURES / "round2_step3.pt", tmp_path / "old.pt")
+    shutil.copy(fixture, tmp_path / "old.pt")
     assert eval_main(["--checkpoint", str(tmp_path / "old.pt"), "--device", "cpu"]) == 0
     assert "accuracy" in capsys.readouterr().out
