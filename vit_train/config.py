@@ -52,7 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
         "lr": config_dict.placeholder(float),            # peak learning rate, reached after the warm-up
         "weight_decay": 0.0,                             # decoupled for adamw; never on biases, norms, pos/cls
         "momentum": 0.9,                                 # sgd
-        "betas": (0.9, 0.999),                           # adamw
+        "betas": (0.9, 0.999),                           # adamw, and muon's AdamW part
+        "muon_momentum": 0.95,                           # muon
+        "muon_ns_steps": 5,                              # muon: Newton-Schulz iterations per step
+        "muon_precision": "auto",                        # muon: one of MUON_PRECISIONS; auto: bf16 where native
         "grad_clip": 0.0,                                # max global gradient norm; 0 = no clipping
         "label_smoothing": 0.0,
         "ema_decay": 0.0,                                # weight EMA, e.g. 0.999; 0 = off

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from vit_train.runtime import fast_bf16
+
 # ---------------------------------------------------------------------------------------------------------------
 # Learning-rate schedules: the multiplier of the peak learning rate for optimizer step `step` (0-based).
 
@@ -117,32 +119,141 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, optim):
+def build_optimizer(model, optim, device):
     """SGD or AdamW with fused updates: one kernel for the whole update rather than several passes over every
     tensor, on GPUs and CPUs alike (on the CPU it makes AdamW's step for ViT-B about 5x faster than foreach).
-    'muon' is Muon for the transformer blocks' weight matrices and AdamW for the rest (MuonAdamW)."""
+    'muon' is Muon for the transformer blocks' weight matrices and AdamW for the rest (MuonAdamW), its
+    orthogonalisation in bf16 where `device` multiplies bf16 in hardware, in fp32 elsewhere (optim.muon_precision)."""
     groups = param_groups(model, optim.weight_decay)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, fused=True)
     if optim.name == "muon":
-        return MuonAdamW(model, groups, optim)
+        return MuonAdamW(model, groups, optim, muon_dtype(optim.muon_precision, device))
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=True)
 
 
-class MuonAdamW:
-    """Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
-    2-D weight matrices inside the transformer blocks, AdamW for everything else: the patch embedding, the head,
-    biases, norms and embeddings, as Muon's authors advise. Muon's step is scaled to AdamW's update size
-    ('match_rms_adamw', Liu et al. 2025), so both parts share one learning rate and weight decay. It is used as
-    one optimizer: param_groups (which the schedule sets the lr of), step, zero_grad, state_dict."""
+def load_optimizer_state(optimizer, state_dict):
+    """Load a checkpoint's optimizer state, keeping this optimizer's hyperparameters: saved param groups carry the
+    settings of the run that wrote them, and a resumed run follows its own config (`--set optim.weight_decay=...`
+    with --resume), as its config.json says. The learning rate is the plan's, set before every step."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, own in zip(optimizer.param_groups, settings):
+        params = group["params"]
+        group.clear()
+        group.update(params=params, **own)
 
-    def __init__(self, model, groups, optim):
+
+MUON_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def muon_dtype(precision, device) -> torch.dtype:
+    """The dtype Muon orthogonalises in: 'auto' is bf16 where the device multiplies it in hardware, else fp32
+    (an emulated bf16 product is slower than fp32, 40-80x on AVX2 CPUs)."""
+    if precision == "auto":
+        precision = "bf16" if fast_bf16(device) else "fp32"
+    return MUON_PRECISIONS[precision]
+
+
+# Jordan et al.'s quintic, a x + b x^3 + c x^5 on each singular value: the steepest slope at zero that still
+# converges, so that five iterations lift singular values from 1e-3 of the largest into a band around 1
+# (about 0.7-1.2) rather than exactly to 1, which trains as well.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrices, steps, dtype, coefficients=NS_COEFFICIENTS, eps=1e-7):
+    """Newton-Schulz iterations on a stack of wide matrices (batch, m, n), m <= n, in `dtype`: each matrix keeps
+    its singular vectors and has its singular values moved into the iteration's band around 1, approximating the
+    orthogonal factor U V^T of its SVD. Divided by its Frobenius norm first, each starts with singular values <= 1.
+    One batched product per iteration for the whole stack, rather than one per matrix."""
+    a, b, c = coefficients
+    x = matrices.to(dtype)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): momentum with a Nesterov look-ahead, the update orthogonalised by Newton-Schulz
+    iterations, then scaled to AdamW's update size (0.2 sqrt(max(fan-out, fan-in)), Liu et al. 2025) so that it
+    shares AdamW's learning rate and weight decay. The same step as torch.optim.Muon(adjust_lr_fn=
+    'match_rms_adamw'), and its state (momentum_buffer) and group keys, so its checkpoints load; differences:
+
+    - the orthogonalisation runs in `dtype` (torch's always casts to bf16, which CPUs without bf16 instructions
+      emulate, slower than fp32);
+    - matrices of one shape (after turning tall ones wide) are orthogonalised together in batched products;
+    - `row_blocks` {param: k} orthogonalises a matrix as k stacked matrices: a fused query-key-value projection
+      is three projections, each orthogonalised and scaled as its own 128x128 rather than as one 384x128
+      (whose step would be sqrt(3) times larger);
+    - under fp16 loss scaling (GradScaler), the step unscales the gradients and skips itself on overflow on the
+      device, without reading the overflow flag on the host (_step_supports_amp_scaling)."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr, weight_decay, momentum=0.95, ns_steps=5, dtype=torch.float32, row_blocks=None):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": True,
+                    "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": ns_steps,
+                    "adjust_lr_fn": "match_rms_adamw"}
+        super().__init__(params, defaults)
+        self.dtype, self.row_blocks = dtype, row_blocks or {}
+
+    @torch.no_grad()
+    def step(self):
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad if grad_scale is None else p.grad / grad_scale for p in params]
+            keep = None
+            if found_inf is not None:  # 0 on overflow: every change below is multiplied by it
+                keep = (found_inf == 0).to(torch.float32)
+                grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            momentum, lr = group["momentum"], group["lr"]
+            if keep is None:
+                torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            else:
+                for buffer, grad in zip(buffers, grads):
+                    buffer.lerp_(grad, (1 - momentum) * keep)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            by_shape = {}  # (m, n) wide -> [(the rows of a parameter, its update, whether it was tall)]
+            for param, update in zip(params, updates):
+                blocks = self.row_blocks.get(param, 1)
+                for rows, block in zip(param.chunk(blocks), update.chunk(blocks)):
+                    tall = rows.shape[0] > rows.shape[1]
+                    wide = block.mT if tall else block
+                    by_shape.setdefault(tuple(wide.shape), []).append((rows, wide, tall))
+            decay = 1 - lr * group["weight_decay"]
+            torch._foreach_mul_(params, decay if keep is None else 1 - (1 - decay) * keep)
+            for (m, n), pieces in by_shape.items():
+                ortho = orthogonalize(torch.stack([wide for _, wide, _ in pieces]), group["ns_steps"], self.dtype,
+                                      group["ns_coefficients"], group["eps"])
+                step_size = -lr * 0.2 * math.sqrt(max(m, n))  # match_rms_adamw
+                changes = [o.mT if tall else o for o, (_, _, tall) in zip(ortho, pieces)]
+                rows = [rows for rows, _, _ in pieces]
+                if keep is None:
+                    torch._foreach_add_(rows, changes, alpha=step_size)
+                else:
+                    torch._foreach_add_(rows, torch._foreach_mul(changes, keep * step_size))
+
+
+class MuonAdamW:
+    """Muon for the 2-D weight matrices inside the transformer blocks, AdamW for everything else: the patch
+    embedding, the head, biases, norms and embeddings, as Muon's authors advise. Both share one learning rate and
+    weight decay. It is used as one optimizer: param_groups (which the schedule sets the lr of), step, zero_grad,
+    state_dict; and with GradScaler, whose unscaling and overflow check both parts do on the device."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, model, groups, optim, dtype):
         hidden = {id(p) for name, p in model.named_parameters()
                   if name.startswith("blocks.") and p.ndim == 2 and p.requires_grad}
         adamw_groups = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
         matrices = [p for g in groups for p in g["params"] if id(p) in hidden]
-        self.muon = torch.optim.Muon(matrices, lr=optim.lr, weight_decay=optim.weight_decay,
-                                     adjust_lr_fn="match_rms_adamw")
+        fused_qkv = {p: 3 for name, p in model.named_parameters() if name.endswith(".attn.qkv.weight")}
+        self.muon = Muon(matrices, lr=optim.lr, weight_decay=optim.weight_decay, momentum=optim.muon_momentum,
+                         ns_steps=optim.muon_ns_steps, dtype=dtype, row_blocks=fused_qkv)
         self.adamw = torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=optim.lr,
                                        betas=tuple(optim.betas), fused=True)
 
@@ -152,8 +263,10 @@ class MuonAdamW:
 
     @torch.no_grad()
     def step(self):
-        self.muon.step()
-        self.adamw.step()
+        for part in (self.muon, self.adamw):  # GradScaler's unscaling and overflow flag, set on this object
+            part.grad_scale, part.found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            part.step()
+            del part.grad_scale, part.found_inf
 
     def zero_grad(self, set_to_none=True):
         self.muon.zero_grad(set_to_none)

@@ -9,11 +9,12 @@ import sys
 import threading
 import time
 
+import torch
 from tqdm import tqdm
 
 from vit_train.checkpoint import write_atomically
 from vit_train.errors import UserError, first_line
-from vit_train.runtime import slow_precision_warning
+from vit_train.runtime import describe_device, fast_bf16, slow_precision_warning
 
 # Steps after which a run without a time budget states how long it will take.
 ESTIMATE_AFTER_STEPS = 5
@@ -83,7 +84,7 @@ class RunLog:
     failure's traceback on its own: it is kept quiet, and the main thread reports the failure, which TensorBoard
     hands it at the next write."""
 
-    def __init__(self, run_dir, quiet, start_step, total_steps):
+    def __init__(self, run_dir, quiet, start_step, total_steps, device):
         from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
 
         self.run_dir, self.events = run_dir, f"the TensorBoard events in {run_dir}"
@@ -102,6 +103,7 @@ class RunLog:
                 raise UserError(f"cannot continue {self.metrics_path} ({first_line(error)}); move it aside to "
                                 "start it anew") from None
         self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
+        self.device = describe_device(device)  # named with every figure: speed and accuracy depend on it
         use_bar = not quiet and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
         self.previous_excepthook, threading.excepthook = threading.excepthook, self.quiet_writer_thread
@@ -132,11 +134,15 @@ class RunLog:
         self.print(f"{config.model_name} ({parameters:.1f}M parameters, {grid}x{grid} patches of {config.img_size}px "
                    f"images) on {config.data.name}: {state.steps_per_epoch} steps per epoch of batch "
                    f"{config.batch_size} (processes: {state.world_size}, micro-batches: {config.grad_accum}); "
-                   f"{state.device}, {precision}; run dir {self.writer.log_dir}")
+                   f"{self.device}, {precision}; run dir {self.writer.log_dir}")
         if note:
             self.print(f"data: {note}")
         if warning := slow_precision_warning(precision, state.device):
             self.print(f"warning: {warning}")
+        muon = getattr(state.optimizer, "muon", None)
+        if muon is not None and muon.dtype == torch.bfloat16 and not fast_bf16(state.device):
+            self.print(f"warning: optim.muon_precision=bf16 on {self.device}, which emulates bf16 products: Muon's "
+                       "step runs 40-80x slower than in fp32 here; use optim.muon_precision=auto")
         plan = state.plan
         if plan.warmup_steps >= plan.total_steps > 0:
             self.print(f"note: the {plan.warmup_steps}-step warm-up is not shorter than the {plan.total_steps}-step "
@@ -178,7 +184,7 @@ class RunLog:
         with self.writing(self.metrics_path), open(self.metrics_path, "ab", buffering=0) as f:
             size = f.tell()
             try:
-                f.write((json.dumps(record) + "\n").encode())
+                f.write((json.dumps({**record, "device": self.device}) + "\n").encode())
             except OSError:
                 os.ftruncate(f.fileno(), size)  # no half line for a resumed run to stumble on
                 raise
@@ -190,6 +196,7 @@ class RunLog:
     def finish(self, flat_config, final, total_steps, with_ema):
         """The hyperparameters with the final metrics for TensorBoard, and the summary line."""
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_config.items()}
+        hparams["device"] = self.device
         metrics = {f"hparam/{k}": final[k] for k in ("eval_accuracy", "eval_loss", "best_accuracy")
                    if final[k] is not None}
         with self.writing(self.events):

@@ -26,13 +26,13 @@ from vit_train.data.loaders import check_data_config, saved_data_config
 from vit_train.errors import UserError
 from vit_train.hub import check_weights_source
 from vit_train.models.configs import block_parameters, check_config as check_model_config, get_config, patch_stride
-from vit_train.optim import OPTIMIZERS, SCHEDULES
+from vit_train.optim import MUON_PRECISIONS, OPTIMIZERS, SCHEDULES
 from vit_train.report import flatten
 from vit_train.runtime import device_memory, resolve_device
 
 # A resumed run keeps the network and the data it was trained on: these keys, and every model.* key but those of
 # regularisation (dropout_rate, attention_dropout_rate, drop_path_rate, patch_dropout), which shape no weight.
-FIXED_ON_RESUME = ("model_name", "img_size", "data.name")
+FIXED_ON_RESUME = ("model_name", "img_size", "data.name", "optim.name")  # optim.name: its state is another's
 REGULARISATION_SUFFIXES = ("_rate", "dropout")
 # Keys that give the same thing two ways: setting one clears the others (to the value here, or None), so the one
 # given last counts.
@@ -51,7 +51,9 @@ def in_memory(config) -> bool:
 
 # Keys that only some runs read, with when: one set in a run that never reads it is named in a warning line.
 ONLY_READ_WITH = {
-    "optim.momentum": (lambda config: config.optim.name == "sgd", "optim.name=sgd (Muon keeps its own 0.95)"),
+    "optim.momentum": (lambda config: config.optim.name == "sgd", "optim.name=sgd (Muon's is optim.muon_momentum)"),
+    **{f"optim.muon_{key}": (lambda config: config.optim.name == "muon", "optim.name=muon")
+       for key in ("momentum", "ns_steps", "precision")},
     "optim.betas": (lambda config: config.optim.name != "sgd", "optim.name=adamw or muon"),
     "data.crop_padding": (in_memory, IN_MEMORY),
     "data.padding_mode": (lambda config: config.data.crop_padding > 0 and in_memory(config),
@@ -223,6 +225,11 @@ def validate(config):
         require(math.isfinite(value) and value >= 0, f"{what} must be a finite number >= 0, got {value}")
     require(len(optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in optim.betas),
             f"optim.betas must be two numbers in [0, 1), as (0.9, 0.999); got {tuple(optim.betas)}")
+    require(optim.muon_precision in ("auto", *MUON_PRECISIONS),
+            f"unknown optim.muon_precision {optim.muon_precision!r}; choose one of auto, {', '.join(MUON_PRECISIONS)}")
+    require(isinstance(optim.muon_ns_steps, int) and 1 <= optim.muon_ns_steps <= 20,
+            f"optim.muon_ns_steps must be an integer in 1..20 (5 is usual), got {optim.muon_ns_steps}")
+    require(0 <= optim.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {optim.muon_momentum}")
     require(0 <= optim.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {optim.label_smoothing}")
     require(config.data.repeated_augmentation <= config.batch_size,
             f"data.repeated_augmentation {config.data.repeated_augmentation} repeats each image more times than "

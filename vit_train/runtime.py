@@ -72,24 +72,49 @@ def cpu_flags():
         return None
 
 
+def native_on_cpu(precision, flags=None) -> bool:
+    """Whether this CPU runs `precision` ('bf16' or 'fp16') matrix products in hardware rather than emulating them.
+
+    flags: the processor's feature flags, read from /proc/cpuinfo when not given. A real check also asks torch
+    whether oneDNN may use such kernels, which ONEDNN_MAX_CPU_ISA can hold back to an older instruction set; where
+    there are no flags (not x86 Linux), that answer decides alone."""
+    if flags is not None:
+        return any(instruction in flags for instruction in FAST_CPU_INSTRUCTIONS[precision])
+    flags = cpu_flags()
+    onednn = getattr(torch.ops.mkldnn, f"_is_mkldnn_{precision}_supported")()
+    return onednn and (flags is None or native_on_cpu(precision, flags))
+
+
 def slow_precision_warning(precision, device, flags=None):
     """One line warning that `precision` (resolved) will run far slower than fp32 on this CPU, or None.
-
-    flags: the processor's feature flags, read from /proc/cpuinfo when not given; where there are none (not
-    x86 Linux), torch's own check of the oneDNN kernels decides.
-    """
-    if device.type != "cpu" or precision not in FAST_CPU_INSTRUCTIONS:
+    flags: as native_on_cpu's."""
+    if device.type != "cpu" or precision not in FAST_CPU_INSTRUCTIONS or native_on_cpu(precision, flags):
         return None
-    flags = cpu_flags() if flags is None else flags
     instructions = FAST_CPU_INSTRUCTIONS[precision]
-    if flags is None:
-        fast = getattr(torch.ops.mkldnn, f"_is_mkldnn_{precision}_supported")()
-    else:
-        fast = any(instruction in flags for instruction in instructions)
-    if fast:
-        return None
     return (f"this CPU has no {precision} instructions ({' or '.join(instructions)}): --precision {precision} "
             "runs about 9-20x slower than fp32 here (measured on ViT training steps); use --precision fp32")
+
+
+def fast_bf16(device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX.
+    Elsewhere bf16 is emulated, and slower than fp32 (about 40-80x on AVX2 CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return native_on_cpu("bf16")
+
+
+def describe_device(device) -> str:
+    """The device as every figure should name it: 'cuda:0 NVIDIA H200', or 'cpu AVX512 (bf16), 2 threads, <model
+    name>': the kernels' instruction set, whether bf16 is native, the threads, and the processor."""
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    model = None
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), None)
+    native = ", ".join(p for p in FAST_CPU_INSTRUCTIONS if native_on_cpu(p))
+    return (f"cpu {torch.backends.cpu.get_cpu_capability()}{f' ({native})' if native else ''}, "
+            f"{torch.get_num_threads()} threads{f', {model}' if model else ''}")
 
 
 def autocast(device, precision):

@@ -22,7 +22,7 @@ import copy
 import dataclasses
 
 from vit_train.checkpoint import rng_state, set_rng_state
-from vit_train.optim import Plan
+from vit_train.optim import Plan, load_optimizer_state
 from vit_train.runtime import all_ranks
 
 
@@ -73,7 +73,7 @@ class RunState:
         self.model.load_state_dict(state["model"])
         if self.ema is not None:  # a run that turns the EMA on when resumed starts it from the resumed weights
             self.ema.model.load_state_dict(state.get("ema") or state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # with the config's settings, not the saved
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]

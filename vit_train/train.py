@@ -257,7 +257,7 @@ def build_run(config, rank, world_size, device) -> Run:
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(eval_model, device_ids=device_ids)  # copies rank 0's weights
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, device)
     ema = WeightEMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None  # after DDP's copy
     budgeted = config.time_budget and config.schedule.steps is None  # a resumed budget run keeps its plan
     plan = None if budgeted else Plan.from_config(config, len(loaders.train))
@@ -297,7 +297,8 @@ def train(config, clock=time.perf_counter):
             cleanup.enter_context(owned_folder(run.run_dir, resuming=bool(config.resume)))
             run.write_config()
             # closed also when the run fails: TensorBoard flushed, the progress bar ended
-            run.log = cleanup.enter_context(RunLog(run.run_dir, config.quiet, state.step, state.plan.total_steps))
+            run.log = cleanup.enter_context(RunLog(run.run_dir, config.quiet, state.step, state.plan.total_steps,
+                                                   device))
             run.log.start(config, state, run.precision, run.loaders.note, measured,
                           calibration and calibration.budget - (clock() - started))
 

@@ -37,7 +37,7 @@ def bare_step(settings, output_dir, steps) -> float:
     config = resolve_config({**settings, "output_dir": output_dir, "name": "bare"})
     device = resolve_device(config.device)
     model = VisionTransformer(config.model, config.img_size, 10).to(device).train()
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     images = torch.randn(config.batch_size, 3, config.img_size, config.img_size, device=device)
     targets = torch.randint(0, 10, (config.batch_size,), device=device)
