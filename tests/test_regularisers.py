@@ -284,10 +284,10 @@ def test_a_replan_scales_the_steps_still_to_come_by_how_much_slower_the_first_ra
     # 200 of 400 planned steps done (100 at 16 px, 100 at 32 px: 25 s calibrated) in 50 s: twice as slow
     new, slowdown = replan(54.6, 50.0)
     assert slowdown == pytest.approx(2.0)
-    # 54.6 s less the 6 s reserve, the final evaluation and save: 47.1 s at 0.4 s a step (all at 32 px by now)
-    assert new.total_steps == 200 + 117
+    # 54.6 s less a 6% reserve (3.3 s), the final evaluation and save: 49.8 s at 0.4 s a step (all 32 px by now)
+    assert new.total_steps == 200 + 124
     assert (new.low_res_steps, new.warmup_steps) == (plan.low_res_steps, plan.warmup_steps)  # already committed
-    assert replan(54.6, 25.0)[0].total_steps == 200 + 235 and replan(54.6, 25.0)[1] == pytest.approx(1.0)
+    assert replan(54.6, 25.0)[0].total_steps == 200 + 249 and replan(54.6, 25.0)[1] == pytest.approx(1.0)
     assert replan(1.0, 50.0)[0].total_steps == 201  # out of time: one more step, then the end
 
 
@@ -324,7 +324,7 @@ def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tm
     assert final["seconds"] <= 6.0 * 1.1  # within the budget, give or take a busy machine's jitter
     replanned = re.search(r"re-planned at step (\d+): .* so (\d+) steps rather than (\d+)", capsys.readouterr().out)
     first_plan = int(replanned[3])
-    assert int(replanned[1]) == round(0.2 * first_plan) and int(replanned[2]) == planned["steps"]
+    assert int(replanned[1]) == round(0.2 * first_plan)  # the first re-plan; later ones follow the machine
     assert planned["warmup_steps"] == round(0.1 * first_plan)  # the warm-up was over before the re-plan
     assert load_checkpoint(tmp_path / "budget")["config"]["schedule"]["steps"] == planned["steps"]
 

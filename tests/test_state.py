@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import vit_train.budget
 import vit_train.train
 from vit_train.checkpoint import load_checkpoint
 from vit_train.cli import eval_main
 from vit_train.resolve import resolve_config
-from vit_train.optim import warmup_cosine
+from vit_train.optim import Plan, warmup_cosine
 from vit_train.train import train
 
 TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train_size": 512,
@@ -60,26 +61,38 @@ def plan_of(run_dir):
 
 
 def test_a_replanned_budget_run_stopped_and_resumed_ends_as_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """A budget run re-plans as it goes; stopped after its last re-plan and resumed (a resumed run keeps its plan),
+    it ends bit for bit where the uninterrupted run does."""
+    real_replan = vit_train.train.replan
+    replans = []
+
+    def counted_replan(run, *args, **kwargs):
+        real_replan(run, *args, **kwargs)
+        replans.append((run.state.step, run.state.plan))
+
+    monkeypatch.setattr(vit_train.train, "replan", counted_replan)
     straight = train(resolve_config({**BUDGET, "output_dir": str(tmp_path), "name": "straight"}),
                      clock=SimulatedClock())
     said = capsys.readouterr().out
     first_total = int(re.search(r"time budget 100s: (\d+) steps", said)[1])
-    replanned_at, total = map(int, re.search(r"re-planned at step (\d+): .* so (\d+) steps rather", said).groups())
-    assert total != first_total and replanned_at < round(0.3 * first_total)  # re-planned inside the warm-up
-    # the plan as first made, in absolute steps; the re-plan changed the length only
-    assert plan_of(tmp_path / "straight") == (total, round(0.3 * first_total), round(0.5 * first_total))
+    first_replan, last_replan = replans[0][0], replans[-1][0]
+    total = replans[-1][1].total_steps
+    assert len(replans) > 1 and total != first_total and straight["step"] == total
+    assert first_replan < round(0.3 * first_total)  # the first re-plan came inside the warm-up
+    # the warm-up kept its end, or, where a new length no longer reached it, ended at that re-plan
+    length, warmup, _ = plan_of(tmp_path / "straight")
+    assert length == total and warmup in {round(0.3 * first_total), *(step for step, _ in replans)}
 
-    real_replan = vit_train.train.replan
-
-    def replan_then_sigterm(*args, **kwargs):
-        real_replan(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)  # the step after the re-plan finishes, is saved, the run returns
+    def replan_then_sigterm(run, *args, **kwargs):
+        real_replan(run, *args, **kwargs)
+        if run.state.step == last_replan:
+            os.kill(os.getpid(), signal.SIGTERM)  # the step after the re-plan finishes, is saved, the run returns
 
     monkeypatch.setattr(vit_train.train, "replan", replan_then_sigterm)
     config = resolve_config({**BUDGET, "output_dir": str(tmp_path), "name": "stopped"})
     stopped = train(config, clock=SimulatedClock())
     monkeypatch.undo()
-    assert stopped["stopped_by"] == signal.SIGTERM and stopped["step"] == replanned_at
+    assert stopped["stopped_by"] == signal.SIGTERM and stopped["step"] == last_replan
     run_dir = tmp_path / "stopped"
     assert plan_of(run_dir) == plan_of(tmp_path / "straight")
     assert config.schedule.steps is None and config.schedule.warmup_fraction == 0.3  # train() changed nothing
@@ -184,3 +197,59 @@ def test_a_checkpoint_written_before_the_run_state_resumes_exactly_and_evaluates
     shutil.copy(fixture, tmp_path / "old.pt")
     assert eval_main(["--checkpoint", str(tmp_path / "old.pt"), "--device", "cpu"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+class StepClock:
+    """A machine's clock as the budget sees it, where only training steps take time: `seconds` each, until
+    `slows_after` steps, then `slower` each (the machine slowing down, as a shared one does)."""
+
+    def __init__(self, slows_after=None, seconds=1.0, slower=2.0):
+        self.now, self.steps, self.slows_after, self.seconds, self.slower = 0.0, 0, slows_after, seconds, slower
+
+    def __call__(self):
+        return self.now
+
+    def step(self):
+        self.steps += 1
+        slowed = self.slows_after is not None and self.steps > self.slows_after
+        self.now += self.slower if slowed else self.seconds
+
+
+def run_on(clock, settings, monkeypatch):
+    real_step = vit_train.train.train_step
+
+    def timed_step(*args):
+        clock.step()
+        return real_step(*args)
+
+    monkeypatch.setattr(vit_train.train, "train_step", timed_step)
+    final = train(resolve_config(settings), clock=clock)
+    monkeypatch.setattr(vit_train.train, "train_step", real_step)
+    return final
+
+
+def test_a_budget_run_on_a_machine_that_slows_down_late_still_ends_within_its_budget(tmp_path, monkeypatch):
+    settings = {**BUDGET, "output_dir": str(tmp_path), "time_budget": "200s"}
+    steady = run_on(StepClock(), {**settings, "name": "steady"}, monkeypatch)
+    assert 0.9 * 200 <= steady["seconds"] <= 200  # the budget used, not overrun
+    # twice as slow after half the run: one re-plan (at a fifth) cannot see it; re-planning as the run goes does
+    half = steady["step"] // 2
+    slowed = run_on(StepClock(slows_after=half), {**settings, "name": "slowed"}, monkeypatch)
+    assert 0.9 * 200 <= slowed["seconds"] <= 200 and slowed["step"] < steady["step"]
+    monkeypatch.setattr(vit_train.budget, "REPLAN_EVERY", 10.0)  # the first re-plan only, as before
+    once = run_on(StepClock(slows_after=half), {**settings, "name": "once"}, monkeypatch)
+    assert once["seconds"] > 1.2 * 200
+
+
+def test_a_replan_never_makes_the_learning_rate_jump():
+    plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=300, img_size=32)
+    for step, total in [(600, 1500), (600, 700), (600, 601), (200, 1400), (200, 400), (200, 250), (0, 100),
+                        (299, 300)]:
+        new = plan.lengthened(total, step)
+        assert new.lr_factor(step) == pytest.approx(plan.lr_factor(step), abs=1e-12), (step, total)
+        after = [new.lr_factor(s) for s in range(max(step, new.warmup_steps), total + 1)]
+        assert all(b <= a for a, b in zip(after, after[1:])) and after[-1] == 0.0, (step, total)
+        again = new.lengthened(total + 50, total - 1)  # a second re-plan, from the first one's decay
+        assert again.lr_factor(total - 1) == pytest.approx(new.lr_factor(total - 1), abs=1e-12)
+    linear = Plan("warmup_linear", total_steps=100, warmup_steps=40, img_size=32).lengthened(30, 19)
+    assert linear.lr_factor(19) == pytest.approx(0.5) and linear.lr_factor(30) == 0.0

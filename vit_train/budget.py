@@ -1,8 +1,10 @@
 """--time-budget: parse a duration, calibrate (time a few real steps, an evaluation and a save), plan the run's
-length, and re-plan it once from how long a fifth of the run really took.
+length, and re-plan it as the run goes from how long its steps really took: first after a fifth of the run, then
+after every twentieth, so that a machine that slows down (or speeds up) later is followed to the end.
 
-A plan is an optim.Plan, in absolute steps and fixed when made; the re-plan changes the length only (see
-Plan.lengthened), and what it fixes is what config.json, checkpoints and --resume read back.
+A plan is an optim.Plan, in absolute steps and fixed when made; a re-plan changes the length only, the learning
+rate going on from where it is (see Plan.lengthened), and what it fixes is what config.json, checkpoints and
+--resume read back. A resumed run keeps the plan it was stopped with.
 """
 import copy
 import dataclasses
@@ -17,8 +19,10 @@ from vit_train.optim import Plan
 from vit_train.runtime import all_ranks
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-# A budget run re-times its steps once, when this share of its planned steps is done (see Calibration.replan).
+# A budget run re-times its steps when this share of its planned steps is done (see Calibration.replan), then
+# again after each REPLAN_EVERY share of them, from the steps since the last re-plan.
 REPLAN_AT = 0.2
+REPLAN_EVERY = 0.05
 
 
 def budget_seconds(text) -> float:
@@ -90,6 +94,11 @@ def most_steps(seconds_left, cost, upper) -> int:
     return fits
 
 
+def reserve(share, seconds) -> float:
+    """What a plan keeps back for the unforeseen: a share of the seconds it plans, at least 3."""
+    return max(3.0, share * seconds)
+
+
 @dataclasses.dataclass
 class Calibration:
     """What a --time-budget run measured: seconds per training step at each image side, per evaluation (raw and
@@ -98,9 +107,6 @@ class Calibration:
     step_seconds: dict
     eval_seconds: float
     save_seconds: float
-
-    def reserve(self, share) -> float:
-        return max(3.0, share * self.budget)
 
     def calibrated_seconds(self, plan, first, last) -> float:
         """Seconds that steps first..last-1 of `plan` take at the calibrated speeds."""
@@ -112,19 +118,20 @@ class Calibration:
     def replan(self, plan, step, seconds_left, seconds_trained, first_step, eval_every, save_every) -> tuple:
         """(the plan with its new length, how many times slower than calibrated its steps ran), once steps
         first_step..step-1 took seconds_trained of training and seconds_left remain: the steps still to come are
-        expected to run as much slower (or faster) than calibrated as those did, and the length is re-fitted to
-        what remains, less a 6% reserve.
+        expected to run as much slower (or faster) than calibrated as those did, evaluations and saves too, and
+        the length is re-fitted to what remains, less a reserve of 6% of it.
 
         The calibration times a few seconds of steps, and a shared machine's speed wanders by more than that
         shows (on the 2-core CPU the recipes were measured on, 100-step windows ran between 0.8x and 1.2x their
-        mean, and the calibration missed the run's mean by up to 25%); a fifth of the run measures it well."""
+        mean, and the calibration missed the run's mean by up to 25%), and it drifts over a run (a quiet machine
+        ran a 30-minute budget 6% over with a single re-plan): the run re-plans from its recent steps."""
         slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
 
         def cost(more):  # the steps as the lengthened plan has them (a longer run adds full-resolution steps)
             evals, saves = pauses(more, step, eval_every, save_every)
-            return (slowdown * self.calibrated_seconds(plan.lengthened(step + more, step), step, step + more)
-                    + evals * self.eval_seconds + saves * self.save_seconds)
-        seconds = seconds_left - self.reserve(0.06)
+            return slowdown * (self.calibrated_seconds(plan.lengthened(step + more, step), step, step + more)
+                               + evals * self.eval_seconds + saves * self.save_seconds)
+        seconds = seconds_left - reserve(0.06, seconds_left)
         fastest = slowdown * min(self.step_seconds.values())
         more = most_steps(seconds, cost, upper=int(seconds / fastest) if fastest > 0 else 0)
         return plan.lengthened(step + max(more, 1), step), slowdown
@@ -177,7 +184,7 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
     # the mean step over the run: low- and full-resolution steps in their proportion
     step_seconds = sum(share * calibration.step_seconds[size] for size, share in shares.items())
     # Start-up of the loop, the final report, and the machine's changing speed until the re-plan.
-    seconds_left = budget - (clock() - started) - calibration.reserve(0.15)
+    seconds_left = budget - (clock() - started) - reserve(0.15, budget)
     steps = budget_steps(seconds_left, step_seconds, calibration.eval_seconds, calibration.save_seconds,
                          config.eval_every, config.save_every)
     steps = all_ranks(steps, world_size)[0]  # each process's clock started a little apart

@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
         "low_res_size": 0,                               # > 0: train at this image side first (then img_size)
         "low_res_fraction": 0.0,                         # the fraction of the steps trained at low_res_size
         "low_res_steps": config_dict.placeholder(int),   # instead of low_res_fraction: this many first steps
+        "decay_from_step": 0,                            # written by a time budget's re-plans (optim.Plan):
+        "decay_from": 0.0,                               # the decay's progress at decay_from_step
         "steps": config_dict.placeholder(int),           # optimizer steps; set this or epochs
         "epochs": config_dict.placeholder(int),          # converted to steps once the dataset size is known
     })

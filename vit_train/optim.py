@@ -9,42 +9,50 @@ import torch
 from vit_train.runtime import fast_bf16
 
 # ---------------------------------------------------------------------------------------------------------------
-# Learning-rate schedules: the multiplier of the peak learning rate for optimizer step `step` (0-based).
+# Learning-rate schedules: a linear warm-up to the peak, then a decay to 0, as a function of the decay's progress
+# (0 when the warm-up ends, 1 at the last step), with its inverse (the progress at which the decay is at a factor).
+
+def cosine(progress):
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def linear(progress):
+    return 1.0 - progress
+
+
+DECAYS = {"warmup_cosine": (cosine, lambda factor: math.acos(2.0 * factor - 1.0) / math.pi),
+          "warmup_linear": (linear, lambda factor: 1.0 - factor)}
+SCHEDULES = tuple(DECAYS)
 
 
 def warmup_cosine(step, warmup_steps, total_steps):
-    """Linear warm-up to 1 over warmup_steps, then half a cosine down to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1.0 + math.cos(math.pi * decay_progress(step, warmup_steps, total_steps)))
+    """The multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up to 1 over
+    warmup_steps, then half a cosine down to 0 at total_steps."""
+    return Plan("warmup_cosine", total_steps, warmup_steps, img_size=0).lr_factor(step)
 
 
 def warmup_linear(step, warmup_steps, total_steps):
-    """Linear warm-up to 1 over warmup_steps, then a straight line down to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 1.0 - decay_progress(step, warmup_steps, total_steps)
-
-
-def decay_progress(step, warmup_steps, total_steps):
-    """0 when the warm-up ends, 1 at total_steps."""
-    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-
-
-SCHEDULES = {"warmup_cosine": warmup_cosine, "warmup_linear": warmup_linear}
+    """As warmup_cosine, with a straight line down to 0."""
+    return Plan("warmup_linear", total_steps, warmup_steps, img_size=0).lr_factor(step)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A run's schedule in absolute optimizer steps: its length, its warm-up, and how many of its first steps
     train at the low resolution (progressive resizing). A value, fixed when made: fractions of the run are turned
-    into steps once, so a run that is re-planned or resumed never moves a boundary it has already passed."""
+    into steps once, so a run that is re-planned or resumed never moves a boundary it has already passed.
+
+    A re-plan (a time budget's) changes the length after the decay began: the decay then goes on from the
+    progress it had reached at that step (decay_from, at decay_from_step) to 0 at the new length, so that the
+    learning rate never jumps."""
     schedule: str            # one of SCHEDULES
     total_steps: int
     warmup_steps: int
     img_size: int
     low_res_size: int = 0    # 0: no low-resolution phase
     low_res_steps: int = 0   # steps 0..low_res_steps-1 see low_res_size images
+    decay_from_step: int = 0
+    decay_from: float = 0.0
 
     @classmethod
     def from_config(cls, config, steps_per_epoch, total_steps=None) -> "Plan":
@@ -60,10 +68,18 @@ class Plan:
             low_res = (schedule.low_res_steps if schedule.low_res_steps is not None
                        else round(schedule.low_res_fraction * total_steps))
         return cls(schedule.name, total_steps, warmup, config.img_size, schedule.low_res_size,
-                   min(low_res, total_steps) if schedule.low_res_size else 0)
+                   min(low_res, total_steps) if schedule.low_res_size else 0, schedule.decay_from_step,
+                   schedule.decay_from)
+
+    def decay_progress(self, step) -> float:
+        start = max(self.decay_from_step, self.warmup_steps)
+        return self.decay_from + (1.0 - self.decay_from) * min(1.0, (step - start) / max(1, self.total_steps - start))
 
     def lr_factor(self, step) -> float:
-        return SCHEDULES[self.schedule](step, self.warmup_steps, self.total_steps)
+        """The multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return DECAYS[self.schedule][0](self.decay_progress(step))
 
     def image_size(self, step) -> int:
         """Progressive resizing: the first low_res_steps see images at low_res_size, the rest at img_size.
@@ -79,15 +95,23 @@ class Plan:
         return {size: share for size, share in shares.items() if share > 0}
 
     def lengthened(self, total_steps, step) -> "Plan":
-        """This plan with a new length, decided at `step`. A boundary already reached stays where it was; so does
-        one still ahead that the new length reaches (the common case); one the new length no longer reaches
-        keeps its share of the run, so that a shortened run still ends warmed up and at full resolution."""
+        """This plan with a new length, decided at `step`, its learning rate never jumping. After the warm-up, the
+        decay goes on from where it is to 0 at the new end. Inside the warm-up, the warm-up goes on as planned
+        when the new length reaches its end; when it does not, the warm-up ends at once and the decay starts
+        from the factor the warm-up had reached (rather than from the peak). The low-resolution boundary stays
+        where it was when reached or still reached; when it no longer is, it keeps its share of the run, so
+        that a shortened run still ends at full resolution."""
         def moved(boundary):
             if boundary <= step or boundary < total_steps:
                 return boundary
             return max(step, round(boundary * total_steps / self.total_steps))
-        return dataclasses.replace(self, total_steps=total_steps, warmup_steps=moved(self.warmup_steps),
-                                   low_res_steps=moved(self.low_res_steps) if self.low_res_size else 0)
+        changes = {"total_steps": total_steps, "low_res_steps": moved(self.low_res_steps) if self.low_res_size else 0}
+        if step >= self.warmup_steps:
+            changes.update(decay_from_step=step, decay_from=self.decay_progress(step))
+        elif total_steps <= self.warmup_steps:
+            changes.update(warmup_steps=step, decay_from_step=step,
+                           decay_from=DECAYS[self.schedule][1](self.lr_factor(step)))
+        return dataclasses.replace(self, **changes)
 
     def record(self, config):
         """`config` (unchanged) as a copy with this plan in its schedule keys, in absolute steps: what config.json
@@ -96,6 +120,7 @@ class Plan:
         schedule = recorded.schedule
         schedule.steps, schedule.epochs = self.total_steps, None
         schedule.warmup_steps, schedule.warmup_fraction = self.warmup_steps, None
+        schedule.decay_from_step, schedule.decay_from = self.decay_from_step, self.decay_from
         if self.low_res_size:
             schedule.low_res_steps, schedule.low_res_fraction = self.low_res_steps, 0.0
         return recorded

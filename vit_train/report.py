@@ -152,11 +152,12 @@ class RunLog:
                        f"({plan.total_steps / state.steps_per_epoch:.1f} epochs) planned to end about "
                        f"{end_time(seconds_left)} ({calibration})")
 
-    def replanned(self, total_steps, text):
+    def replanned(self, total_steps, text, said=True):
         self.total_steps = total_steps
         if self.bar is not None:
             self.bar.total = total_steps
-        self.print(text)
+        if said:
+            self.print(text)
 
     def step(self):
         if self.bar is not None:

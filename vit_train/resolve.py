@@ -206,7 +206,7 @@ def validate(config):
             f"schedule.low_res_steps must be >= 0, got {schedule.low_res_steps}")
     require(schedule.low_res_steps is None or schedule.steps is not None or config.time_budget is None,
             "a --time-budget run plans its own length: give schedule.low_res_fraction, not schedule.low_res_steps")
-    for what, value in {"optim.ema_decay": optim.ema_decay,
+    for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.decay_from": schedule.decay_from,
                         "schedule.warmup_fraction": schedule.warmup_fraction}.items():
         require(value is None or 0 <= value < 1, f"{what} must be in [0, 1), got {value}")
     require(optim.name in OPTIMIZERS, f"unknown optimizer {optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -221,6 +221,7 @@ def validate(config):
     # (nan fails every comparison, so `value >= 0` refuses it; inf needs saying)
     for what, value in {"optim.weight_decay": optim.weight_decay, "optim.grad_clip": optim.grad_clip,
                         "optim.momentum": optim.momentum, "--warmup-steps": schedule.warmup_steps,
+                        "schedule.decay_from_step": schedule.decay_from_step,
                         "--eval-every": config.eval_every, "--save-every": config.save_every}.items():
         require(math.isfinite(value) and value >= 0, f"{what} must be a finite number >= 0, got {value}")
     require(len(optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in optim.betas),

@@ -307,6 +307,7 @@ def train(config, clock=time.perf_counter):
         batches = train_batches(run.loaders.train, state.step)
         window, window_start, loop_started, paused = [], clock(), clock(), 0.0  # paused: evaluating and saving
         replan_at = max(round(budget.REPLAN_AT * state.plan.total_steps), first_step + 1) if calibration else None
+        replanned = (first_step, 0.0)  # the step and training seconds of the last re-plan (or the loop's start)
         while state.step < state.plan.total_steps and not signum:
             images, targets = next(batches)
             state.set_learning_rate()
@@ -324,8 +325,11 @@ def train(config, clock=time.perf_counter):
                 announce_duration(run, window[-1], (clock() - estimate_from) / ESTIMATE_AFTER_STEPS)
             if state.step == replan_at:
                 float(window[-1])  # wait for the device: the steps so far are done
+                trained = clock() - loop_started - paused
                 replan(run, calibration, seconds_left=calibration.budget - (clock() - started),
-                       seconds_trained=clock() - loop_started - paused, first_step=first_step)
+                       seconds_trained=trained - replanned[1], first_step=replanned[0])
+                replanned = (state.step, trained)
+                replan_at = state.step + max(1, round(budget.REPLAN_EVERY * state.plan.total_steps))
             at_end = state.step == state.plan.total_steps
             at_eval = at_end or (config.eval_every and state.step % config.eval_every == 0)
             at_save = at_end or (config.save_every and state.step % config.save_every == 0)
@@ -398,7 +402,8 @@ def announce_duration(run, last_loss, seconds_per_step):
 
 
 def replan(run, calibration, seconds_left, seconds_trained, first_step):
-    """Re-fit a budget run's length to the time left, once (budget.Calibration.replan), on every rank alike."""
+    """Re-fit a budget run's length to the time left (budget.Calibration.replan), from steps first_step on, on
+    every rank alike. Said when the length moves by 1% or more."""
     state, config = run.state, run.state.config
     before = state.plan.total_steps
     state.plan, slowdown = all_ranks(calibration.replan(state.plan, state.step, seconds_left, seconds_trained,
@@ -407,6 +412,7 @@ def replan(run, calibration, seconds_left, seconds_trained, first_step):
     if run.log:
         run.write_config()  # what checkpoints and --resume see
         run.log.replanned(state.plan.total_steps,
-                          f"re-planned at step {state.step}: steps took {slowdown:.2f}x the calibrated time, so "
-                          f"{state.plan.total_steps} steps rather than {before} "
-                          f"({state.plan.total_steps / state.steps_per_epoch:.1f} epochs)")
+                          f"re-planned at step {state.step}: steps {first_step}-{state.step} took {slowdown:.2f}x "
+                          f"the calibrated time, so {state.plan.total_steps} steps rather than {before} "
+                          f"({state.plan.total_steps / state.steps_per_epoch:.1f} epochs)",
+                          said=abs(state.plan.total_steps - before) >= 0.01 * before)
