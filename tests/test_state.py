@@ -253,3 +253,17 @@ def test_a_replan_never_makes_the_learning_rate_jump():
         assert again.lr_factor(total - 1) == pytest.approx(new.lr_factor(total - 1), abs=1e-12)
     linear = Plan("warmup_linear", total_steps=100, warmup_steps=40, img_size=32).lengthened(30, 19)
     assert linear.lr_factor(19) == pytest.approx(0.5) and linear.lr_factor(30) == 0.0
+
+
+def test_a_resume_with_another_batch_size_counts_epochs_on_from_where_they_were(tmp_path):
+    settings = {**TINY, "batch_size": 64, "schedule.steps": 10, "output_dir": str(tmp_path), "name": "run"}
+    train(resolve_config(settings))  # 512 images: 8 steps an epoch, so 1.25 epochs
+    records = tmp_path / "run" / "metrics.jsonl"
+    assert json.loads(records.read_text().splitlines()[-1])["epoch"] == 1.25
+    train(resolve_config({"resume": str(tmp_path / "run"), "batch_size": 32, "schedule.steps": 14}))
+    # 4 more steps of 32 (16 an epoch): 1.5 epochs, where counting all 14 steps in batches of 32 said 0.875
+    assert json.loads(records.read_text().splitlines()[-1])["epoch"] == 1.5
+    saved = load_checkpoint(tmp_path / "run")
+    assert saved["epochs"] == 1.5 and saved["epoch_anchor"] == [10, 20]
+    train(resolve_config({"resume": str(tmp_path / "run"), "schedule.steps": 16}))  # the anchor carries on
+    assert json.loads(records.read_text().splitlines()[-1])["epoch"] == 1.625

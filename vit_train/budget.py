@@ -150,14 +150,16 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
     snapshot = copy.deepcopy(state.state_dict())
     budget, world_size = budget_seconds(config.time_budget), state.world_size
 
-    def refuse_beyond_budget(what, seconds_more):
+    def refuse_beyond_budget(what, seconds_more, compiling):
         """The calibration itself must fit in the budget: refuse as soon as it is clear that it cannot (on rank 0's
-        figures, so that every process decides alike)."""
-        spent, seconds_more = all_ranks((clock() - started, seconds_more), world_size)[0]
+        figures, so that every process decides alike). compiling: the seconds --compile took so far."""
+        spent, seconds_more, compiling = all_ranks((clock() - started, seconds_more, compiling), world_size)[0]
         seconds = spent + seconds_more
         if seconds > budget:
+            compiled = (f" ({compiling:.0f} s of it compiling the model: --compile pays off in longer runs)"
+                        if config.compile else "")
             raise UserError(f"the time budget {config.time_budget} is too short for this run: {what} takes "
-                            f"{seconds:.0f} s before any training; give a longer --time-budget")
+                            f"{seconds:.0f} s before any training{compiled}; give a longer --time-budget")
 
     first, warmup_seconds = time_train_steps(step_fn, batches, warmup=1, timed=1, clock=clock)
     first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
@@ -165,7 +167,7 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
     # The sides the run trains at, in the proportion its plan gives them (any length will do for the shares).
     shares = Plan.from_config(config, steps_per_epoch=1, total_steps=1000).image_sizes()
     refuse_beyond_budget(f"start-up and timing {(timed + 1) * len(shares)} steps of {first:.1f} s",
-                         (timed + 1) * len(shares) * first)
+                         (timed + 1) * len(shares) * first, warmup_seconds)
     seconds_at = {}
     for size in shares:
         seconds_at[size], warmed = time_train_steps(lambda x, y: step_fn(x, y, size), batches, warmup=1,
@@ -173,7 +175,8 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
         warmup_seconds += warmed
     batch_seconds, first_batch_seconds = time_eval_batches(eval_model, test_loader, state.device, precision, clock)
     eval_seconds, warmup_seconds = batch_seconds * len(test_loader), warmup_seconds + first_batch_seconds
-    refuse_beyond_budget(f"start-up, timing steps and one evaluation ({eval_seconds:.0f} s)", eval_seconds)
+    refuse_beyond_budget(f"start-up, timing steps and one evaluation ({eval_seconds:.0f} s)", eval_seconds,
+                         warmup_seconds)
     save_started = clock()  # the optimizer now holds its moments, as in the run's checkpoints
     torch.save(state.state_dict(), io.BytesIO())
     save_seconds = 2 * (clock() - save_started)  # serialising, and as long again for the disk

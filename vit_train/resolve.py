@@ -32,7 +32,8 @@ from vit_train.runtime import device_memory, resolve_device
 
 # A resumed run keeps the network and the data it was trained on: these keys, and every model.* key but those of
 # regularisation (dropout_rate, attention_dropout_rate, drop_path_rate, patch_dropout), which shape no weight.
-FIXED_ON_RESUME = ("model_name", "img_size", "data.name", "optim.name")  # optim.name: its state is another's
+# optim.name: the saved state is another optimizer's
+FIXED_ON_RESUME = ("model_name", "img_size", "data.name", "optim.name")
 REGULARISATION_SUFFIXES = ("_rate", "dropout")
 # Keys that give the same thing two ways: setting one clears the others (to the value here, or None), so the one
 # given last counts.

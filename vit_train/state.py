@@ -15,6 +15,7 @@ exactly where an uninterrupted one does. The checkpoint layout (see vit_train/ch
     class_names     the dataset's class names, in label order
     metrics         the last evaluation: {step, eval_loss, eval_accuracy[, eval_ema_loss, eval_ema_accuracy]}
     best_accuracy   the best accuracy of the weights vit-eval uses (the EMA's when there is one), or None
+    epochs, epoch_anchor    epochs done, and where a resume changed the batch size (RunState.epoch_anchor)
 
 Checkpoints written before this layout (with scheduler, epoch and batch_in_epoch, and -1.0 for no best) load too.
 """
@@ -43,6 +44,18 @@ class RunState:
     step: int = 0
     best_accuracy: float = None
     metrics: dict = dataclasses.field(default_factory=dict)
+    # (step, batches done by then): where a resume changed the batch size, so that epochs go on counting from
+    # where they were rather than being recounted in batches of the new size
+    epoch_anchor: tuple = (0, 0)
+
+    def batches_done(self) -> int:
+        """Training batches of the current size that the steps so far amount to: the data stream's position (the
+        step itself, unless a resume changed the batch size)."""
+        anchor_step, anchor_batches = self.epoch_anchor
+        return anchor_batches + self.step - anchor_step
+
+    def epochs(self) -> float:
+        return self.batches_done() / self.steps_per_epoch
 
     def set_learning_rate(self):
         """The learning rate of the next step, from the plan: resuming or re-planning needs no scheduler state."""
@@ -67,6 +80,7 @@ class RunState:
             "step": self.step, "rng": all_ranks(rng_state(self.device), self.world_size),
             "config": self.recorded_config().to_dict(), "class_names": list(self.class_names),
             "metrics": self.metrics, "best_accuracy": self.best_accuracy,
+            "epochs": self.epochs(), "epoch_anchor": list(self.epoch_anchor),
         }
 
     def load_state_dict(self, state: dict):
@@ -79,5 +93,10 @@ class RunState:
         rngs = state["rng"]
         set_rng_state(rngs[self.rank % len(rngs)], self.device)
         self.step, self.metrics = state["step"], dict(state["metrics"])
+        self.epoch_anchor = tuple(state.get("epoch_anchor", (0, 0)))
+        saved_batch = state["config"]["batch_size"]
+        if saved_batch != self.config.batch_size:  # before "epochs" was saved: as many images as the steps took
+            epochs = state.get("epochs", self.step * saved_batch / (self.steps_per_epoch * self.config.batch_size))
+            self.epoch_anchor = (self.step, round(epochs * self.steps_per_epoch))
         best = state["best_accuracy"]
         self.best_accuracy = None if best is None or best < 0 else best  # -1.0: none, before this layout

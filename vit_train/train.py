@@ -10,6 +10,7 @@ vit_train/budget.py; what a run prints and logs is vit_train/report.py.
 """
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -49,9 +50,10 @@ def train_step(model, optimizer, scaler, images, targets, config, precision):
     """
     loss_sum = 0.0
     micro_batches = zip(images.chunk(config.grad_accum), targets.chunk(config.grad_accum))
+    ddp = getattr(model, "_orig_mod", model)  # a compiled DDP model is DDP inside
     for i, (x, y) in enumerate(micro_batches):
-        defer_sync = isinstance(model, DistributedDataParallel) and i < config.grad_accum - 1
-        with model.no_sync() if defer_sync else contextlib.nullcontext():
+        defer_sync = isinstance(ddp, DistributedDataParallel) and i < config.grad_accum - 1
+        with ddp.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast(x.device, precision):
                 loss = F.cross_entropy(model(x), y, label_smoothing=config.optim.label_smoothing) / config.grad_accum
             scaler.scale(loss).backward()
@@ -65,10 +67,10 @@ def train_step(model, optimizer, scaler, images, targets, config, precision):
     return loss_sum
 
 
-def train_batches(loader, step):
-    """This process's batches from optimizer step `step` on, epoch after epoch. The order depends only on
-    (seed, epoch, batch), so a resumed run starts mid-epoch exactly where the interrupted one stopped."""
-    epoch, start = divmod(step, len(loader))
+def train_batches(loader, done):
+    """This process's batches after the first `done` (RunState.batches_done), epoch after epoch. The order depends
+    only on (seed, epoch, batch), so a resumed run starts mid-epoch exactly where the interrupted one stopped."""
+    epoch, start = divmod(done, len(loader))
     while True:
         yield from loader.batches(epoch, start=start)
         epoch, start = epoch + 1, 0
@@ -205,7 +207,7 @@ class Run:
             raise diverged(state.step - len(losses) + 1 + bad, self.run_dir, self.saved_step)
         train_loss, images_per_sec = sum(losses) / len(losses), len(losses) * state.config.batch_size / seconds
         if self.log:
-            self.log.train(state.step, train_loss, lr, images_per_sec, epoch=state.step / state.steps_per_epoch)
+            self.log.train(state.step, train_loss, lr, images_per_sec, epoch=state.epochs())
         return train_loss, images_per_sec
 
     def evaluate(self, logged):
@@ -222,11 +224,24 @@ class Run:
             raise diverged(state.step, self.run_dir, self.saved_step)
         state.metrics = {"step": state.step, **metrics}
         if self.log:
-            self.log.eval({**state.metrics, "epoch": state.step / state.steps_per_epoch, **logged},
+            self.log.eval({**state.metrics, "epoch": state.epochs(), **logged},
                           attention_image(state.model, self.attention_samples, state.config.data))
         if state.best_accuracy is None or state.judged_accuracy() > state.best_accuracy:
             state.best_accuracy = state.judged_accuracy()
             self.save("best.pt")
+
+
+@contextlib.contextmanager
+def quiet_cpp_extension_logger():
+    """torch.compile's first use imports torch.utils.cpp_extension, which logs a warning line about CUDA_HOME on
+    machines without CUDA that concerns C++ extensions, not the run; it is held back while compiling starts."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def build_run(config, rank, world_size, device) -> Run:
@@ -252,11 +267,16 @@ def build_run(config, rank, world_size, device) -> Run:
         notes = load_pretrained(model, config.pretrained)
         if rank == 0:
             print(f"loaded {config.pretrained}" + "".join(f"; {note}" for note in notes))
-    # Static shapes: each image side (and evaluation) compiles once, rather than once more as a dynamic graph.
-    eval_model = train_model = torch.compile(model, dynamic=False) if config.compile else model
+    train_model = eval_model = model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(eval_model, device_ids=device_ids)  # copies rank 0's weights
+        train_model = DistributedDataParallel(model, device_ids=device_ids)  # copies rank 0's weights
+    if config.compile:
+        # Static shapes: each image side (and evaluation) compiles once, rather than once more as a dynamic graph.
+        # DDP is compiled whole, as torch documents, so that compiled backward keeps all-reducing gradient
+        # buckets while it runs (a compiled module inside DDP loses that overlap).
+        with quiet_cpp_extension_logger():
+            train_model, eval_model = torch.compile(train_model, dynamic=False), torch.compile(model, dynamic=False)
     optimizer = build_optimizer(model, config.optim, device)
     ema = WeightEMA(model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None  # after DDP's copy
     budgeted = config.time_budget and config.schedule.steps is None  # a resumed budget run keeps its plan
@@ -304,7 +324,7 @@ def train(config, clock=time.perf_counter):
 
         train_loss = images_per_sec = None
         signum, first_step = 0, state.step
-        batches = train_batches(run.loaders.train, state.step)
+        batches = train_batches(run.loaders.train, state.batches_done())
         window, window_start, loop_started, paused = [], clock(), clock(), 0.0  # paused: evaluating and saving
         replan_at = max(round(budget.REPLAN_AT * state.plan.total_steps), first_step + 1) if calibration else None
         replanned = (first_step, 0.0)  # the step and training seconds of the last re-plan (or the loop's start)
@@ -364,7 +384,10 @@ def train(config, clock=time.perf_counter):
 
 def stopping_at(state, config, world_size):
     """Which step a run stops after when a signal comes now: the next one, or under torchrun at the latest the
-    next log step, where the processes agree on it (agreed_signal)."""
+    next log step, where the processes agree on it (agreed_signal); after the last step, none: the final
+    evaluation is under way."""
+    if state.step >= state.plan.total_steps:
+        return f"all {state.plan.total_steps} steps are done: finishing the final evaluation"
     if world_size == 1:
         return f"finishing step {state.step + 1}"
     agreed = min((state.step // config.log_every + 1) * config.log_every, state.plan.total_steps)
