@@ -63,11 +63,14 @@ def test_steady_steps_make_no_host_wait_and_copy_no_python_data(tmp_path, settin
 
 
 @pytest.mark.cuda
-def test_steady_steps_on_a_gpu_never_synchronise(tmp_path):
-    """The steady part of the loop on the GPU, under CUDA's own detector of synchronising calls."""
+@pytest.mark.parametrize("settings", [{}, {"optim.name": "muon", "precision": "fp16"}],
+                         ids=["auto precision", "Muon under fp16 loss scaling"])
+def test_steady_steps_on_a_gpu_never_synchronise(tmp_path, settings):
+    """The steady part of the loop on the GPU, under CUDA's own detector of synchronising calls. With fp16, the
+    loss scaler's overflow check stays on the device only if the optimizer unscales and skips for itself."""
     device = torch.device("cuda")
     config = resolve_config({**EVERYTHING_ON, "schedule.steps": 20, "device": "cuda", "output_dir": str(tmp_path),
-                             "name": "gpu"})
+                             "name": "gpu", **settings})
     run = build_run(config, rank=0, world_size=1, device=device)
     batches = train_batches(run.loaders.train, 0)
     for _ in range(3):  # first steps allocate and warm caches
