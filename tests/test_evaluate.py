@@ -293,18 +293,16 @@ def test_export_refuses_what_timm_cannot_hold_and_writes_nothing(run_dir, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_the_printed_report_aligns_wide_class_names_by_their_terminal_columns():
-    names = ["cat", "飛行機", "ｶﾀｶﾅ", "e\u0301clair"]  # wide CJK (2 columns each), half-width kana, a combining mark
+    names = ["cat", "飛行機", "ｶﾀｶﾅ", "e\u0301clair"]  # CJK (2 columns a character), half-width kana, a combining mark
     confusion = torch.tensor([[3, 0, 1, 0], [0, 2, 0, 0], [1, 0, 5, 0], [0, 0, 0, 4]])
-    text = evaluate.format_report(evaluate.report_from_counts(confusion, 16, 9.0, names))
-    rows = [line for line in text.splitlines() if any(name in line for name in names)]
-    assert len(rows) == 2 * len(names)  # the per-class table and the confusion matrix
-    # each row's numbers start in the same terminal column as in the row of the plain ASCII name
-    ends = {evaluate.display_width(row[:row.index(name) + len(name)]) + len(row[row.index(name) + len(name):]) -
-            len(row[row.index(name) + len(name):].lstrip()) for row in rows for name in names if name in row}
-    assert len(ends) == 2, text  # one column for the per-class table, one for the matrix
-    assert evaluate.display_width("飛行機") == 6 and evaluate.display_width("e\u0301clair") == 6
+    lines = evaluate.format_report(evaluate.report_from_counts(confusion, 16, 9.0, names)).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.endswith("accuracy  images"))
+    per_class, matrix = lines[header:header + 1 + len(names)], lines[-1 - len(names):]
+    for table in (per_class, matrix):  # every row of a table ends in the same terminal column
+        assert len({evaluate.display_width(line) for line in table}) == 1, "\n".join(table)
+    assert [evaluate.display_width(name) for name in names] == [3, 6, 4, 6]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit status 2.
