@@ -70,7 +70,8 @@ def peer_main(budget, data_dir, result, architecture: dict, recipe: dict):
             self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     mean, std = DATASET_STATS["cifar10"]
-    classes, smoothing, lr, batch = architecture["num_classes"], recipe["label_smoothing"], recipe["lr"], recipe["batch_size"]
+    classes, smoothing = architecture["num_classes"], recipe["label_smoothing"]
+    lr, batch = recipe["lr"], recipe["batch_size"]
     train_tf = v2.Compose([v2.ToImage(), v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
                            v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), v2.ToDtype(torch.float32, scale=True),
                            v2.Normalize(mean, std), v2.RandomErasing(0.25)])
