@@ -356,8 +356,8 @@ def attention_main(argv=None):
     from vit_train.checkpoint import check_writable
     from vit_train.evaluate import load_trained_model
     from vit_train.runtime import resolve_device
-    predict.image_format(args.out)  # an unknown suffix fails before any work, as an unwritable folder does
     check_writable(args.out)
+    predict.image_format(args.out)  # an unknown suffix fails before any work too
     loaded = load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
     panel, top = predict.attention_figure(loaded, predict.read_image(args.image))
     predict.save_image(panel, args.out)
