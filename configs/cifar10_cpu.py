@@ -1,23 +1,21 @@
 """CIFAR-10 on a CPU in a time budget: `vit-train --config cifar10_cpu` (10 minutes; `--time-budget 30m` for more).
-On the project's 2-core CPU: 76.1-76.8% in 10 minutes (three runs), 80.6% in 30 (README, "What a CPU reaches").
 
-The best plain ViT we found for a 2-core CPU in 10 minutes, chosen by measurement (README, "What a CPU reaches"):
-- model: 4x4-pixel patches (an 8x8 grid), width 128, 6 layers, MLP 256, 4 heads, no dropout: 0.8M parameters.
-  8-pixel patches run twice the epochs and learn far less (41% against 49% in 5 minutes);
+The best plain ViT we found for a 2-core CPU in 10 minutes, chosen by measurement (what each choice reached:
+docs/results.md, "What a CPU reaches"):
+- model: 4x4-pixel patches (an 8x8 grid), width 128, 6 layers, MLP 256, 4 heads, no dropout: 0.8M parameters
+  (8-pixel patches run twice the epochs and learn far less);
 - patch dropout 0.75: each training image keeps 16 of its 64 patch tokens, so a step costs about a quarter as
   much and the budget holds about four times the epochs (evaluation sees every patch: the network is the plain
-  ViT). 0.5 fits half as many epochs and reached 62.8%; 0.875 reached 65.6%, 0.75 66.8%;
+  ViT);
 - fixed 2-D sine-cosine position embeddings, mimetic attention initialisation (query-key products near the
   identity, value-projection products near minus the identity) and global average pooling instead of the CLS
-  token: together attention starts out local, as a convolution's, and learns in fewer epochs (71.0% against
-  66.8%; with the CLS token 68.1%);
-- Muon for the weight matrices of the transformer blocks, AdamW for the rest (optim.name=muon; 76.1% against
-  AdamW's 71.1% in 10 minutes), lr 1e-3 (AdamW at 2e-3 reached 69.5%), weight decay 0.05, batch 128, warm-up 5% of
-  the run, cosine to zero, label smoothing 0.1;
-- flips only, no random crop: with a dozen epochs the model under-fits, and crops cost accuracy (51.4% against
-  49.2% in 5 minutes); no mixing, no auto-augment, no EMA (all help long runs, not this one).
+  token: together attention starts out local, as a convolution's, and learns in fewer epochs;
+- Muon for the weight matrices of the transformer blocks, AdamW for the rest (optim.name=muon), lr 1e-3, weight
+  decay 0.05, batch 128, warm-up 5% of the run, cosine to zero, label smoothing 0.1;
+- flips only, no random crop: with a dozen epochs the model under-fits, and crops cost accuracy; no mixing, no
+  auto-augment, no EMA (all help long runs, not this one).
 The number of steps comes from the time budget: steps are timed, the schedule is planned to end within it, and
-re-planned once after a fifth of the run (see the README).
+re-planned once after a fifth of the run (docs/training.md).
 """
 from vit_train.config import base_config, recipe_model
 

@@ -14,7 +14,7 @@ What to expect on the CIFAR-10 JPEG copy (test accuracy):
 - ViT-B_16 at 32 px sees only 4 patches, so it learns little spatial structure; a 16-px-patch ViT on 32-px images
   is commonly reported near 51% (lucidrains/vit-pytorch issue 12). Smaller patches do far better:
   configs/cifar10_vit_small.py (4-px patches, 2.7M parameters) is published at 93.58%.
-- On a CPU, run `vit-train --config cifar10_cpu --time-budget 10m` instead (measured in the README).
+- On a CPU, run `vit-train --config cifar10_cpu --time-budget 10m` instead (measured in docs/results.md).
 """
 from vit_train.config import load_recipe, recipe_model
 

@@ -1,9 +1,9 @@
 """Bad input to the five commands: each case must exit with status 2, print exactly one line, `error: ...`, on
 stderr, no traceback, and write nothing (no run directory, no report, no export, no change to the inputs).
 
-The table covers every class of mistake the README promises to catch before anything is written: out-of-range
-values (probabilities, rates, optimizer hyper-parameters, seeds), shapes the model cannot take, names and folders
-that cannot be written, checkpoints that are missing, foreign, unsafe or of another network, recipes that fail,
+The table covers every class of mistake docs/reliability.md promises to catch before anything is written:
+out-of-range values (probabilities, rates, optimizer hyper-parameters, seeds), shapes the model cannot take, names
+and folders that cannot be written, checkpoints that are missing, foreign, unsafe or of another network, recipes that fail,
 and flags that do not exist or are abbreviated.
 """
 from pathlib import Path

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from vit_train import evaluate
+from vit_train import evaluate, export, predict
 from vit_train.cli import attention_main, eval_main, export_main, predict_main
 from vit_train.resolve import resolve_config
 from vit_train.data import load_cifar
@@ -131,7 +131,7 @@ def test_predict_sees_an_image_file_as_evaluation_sees_the_test_split(run_dir, t
     _, test, class_names = load_cifar("cifar10", loaded.config.data.data_dir, download=False)
     path = tmp_path / "test0.png"
     Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).save(path)
-    predicted = dict(evaluate.predict(loaded, evaluate.read_image(path), top_k=10))
+    predicted = dict(predict.predict(loaded, predict.read_image(path), top_k=10))
 
     loader = evaluate.eval_loaders(loaded.config, "cpu").test
     with torch.no_grad():
@@ -151,6 +151,24 @@ def test_attention_draws_the_image_beside_its_rollout_for_a_png_and_a_jpeg(run_d
     assert "wrote" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("suffix, format_name", [(".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP"),
+                                                 (".bmp", "BMP")])
+def test_attention_writes_the_format_its_suffix_names(suffix, format_name, run_dir, images, tmp_path):
+    out = tmp_path / f"attention{suffix}"
+    assert attention_main(["--checkpoint", str(run_dir), str(images[0]), "--out", str(out)]) == 0
+    with Image.open(out) as drawn:
+        assert drawn.format == format_name
+
+
+@pytest.mark.parametrize("name", ["attention.svg", "attention"])
+def test_attention_refuses_a_suffix_that_names_no_picture_format_and_writes_nothing(name, run_dir, images,
+                                                                                     tmp_path, capsys):
+    before = set(tmp_path.iterdir())
+    one_line_error(capsys, attention_main(["--checkpoint", str(run_dir), str(images[0]), "--out",
+                                           str(tmp_path / name)]), "cannot tell which picture format")
+    assert set(tmp_path.iterdir()) == before, "nothing is written"
+
 def test_rollout_multiplies_residual_averaged_layers():
     torch.manual_seed(0)
     layers = [torch.rand(2, 3, 5, 5).softmax(dim=-1) for _ in range(3)]  # (B, heads, T, T)
@@ -158,17 +176,17 @@ def test_rollout_multiplies_residual_averaged_layers():
     for probs in layers:
         averaged = 0.5 * probs.mean(dim=1) + 0.5 * torch.eye(5)  # rows already sum to 1, so + I halves them
         expected = averaged @ expected
-    rollout = evaluate.attention_rollout(layers)
+    rollout = predict.attention_rollout(layers)
     torch.testing.assert_close(rollout, expected)
     torch.testing.assert_close(rollout.sum(dim=-1), torch.ones(2, 5))
     # Attention only to itself at every layer rolls out to the identity: nothing flows between tokens.
-    torch.testing.assert_close(evaluate.attention_rollout([torch.eye(5).expand(1, 2, 5, 5)] * 2), torch.eye(5)[None])
+    torch.testing.assert_close(predict.attention_rollout([torch.eye(5).expand(1, 2, 5, 5)] * 2), torch.eye(5)[None])
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_attention_map_covers_the_patch_grid_in_zero_to_one(classifier):
     model = create_model("testing", img_size=32, num_classes=10, classifier=classifier).eval()
-    logits, heat = evaluate.attention_map(model, torch.randn(3, 3, 32, 32))
+    logits, heat = predict.attention_map(model, torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 10) and heat.shape == (3, 8, 8)
     assert heat.amin(dim=(1, 2)).tolist() == [0, 0, 0] and heat.amax(dim=(1, 2)).tolist() == pytest.approx([1] * 3)
 
@@ -177,7 +195,7 @@ def test_attention_image_for_tensorboard(run_dir):
     loaded = evaluate.load_trained_model(run_dir, "cpu")
     images = next(evaluate.eval_loaders(loaded.config, "cpu").test.batches(0))[0][:4]
     loaded.model.train()
-    picture = evaluate.attention_image(loaded.model, images, loaded.config.data)
+    picture = predict.attention_image(loaded.model, images, loaded.config.data)
     assert picture.shape == (3, 4 * 96, 2 * 96) and 0 <= picture.min() and picture.max() <= 1
     assert loaded.model.training  # left as it was found
 
@@ -231,7 +249,7 @@ def test_timms_preprocessing_from_the_card_gives_our_pixels(height, width, run_d
     image, and rounds it to 8 bits; ours resizes the float image (antialiased): they may differ by one 8-bit step."""
     timm = pytest.importorskip("timm")
     loaded = evaluate.load_trained_model(run_dir, "cpu")
-    evaluate.export(loaded, tmp_path / "vit.pth")
+    export.export(loaded, tmp_path / "vit.pth")
     monkeypatch.chdir(tmp_path)
     card = json.loads((tmp_path / "vit.json").read_text())
     data_config = timm.data.resolve_data_config(model=timm.create_model(**card["timm"]))
@@ -239,7 +257,7 @@ def test_timms_preprocessing_from_the_card_gives_our_pixels(height, width, run_d
                                                                                                  "bilinear")
     image = Image.fromarray(np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8))
     theirs = timm.data.create_transform(**data_config)(image)
-    ours = evaluate.model_input(loaded, pil_to_tensor(image))[0]
+    ours = predict.model_input(loaded, pil_to_tensor(image))[0]
     one_step = 1 / 255 / min(card["normalization"]["std"])
     assert theirs.shape == ours.shape == (3, 32, 32)
     assert (theirs - ours).abs().max() <= one_step * 1.001
@@ -256,7 +274,7 @@ def test_export_of_a_global_average_pooling_model_loads_into_timm(tmp_path, monk
         for param in model.parameters():  # the default initialisation zeroes the head: random weights instead
             param.normal_(0, 0.2, generator=torch.Generator().manual_seed(param.numel()))
     loaded = evaluate.LoadedModel(model.eval(), config, [f"class_{i}" for i in range(10)])
-    card = json.loads(evaluate.export(loaded, tmp_path / "gap.pth").read_text())
+    card = json.loads(export.export(loaded, tmp_path / "gap.pth").read_text())
     monkeypatch.chdir(tmp_path)
     assert_same_logits(timm.create_model(**card["timm"]), model)
 
@@ -271,8 +289,19 @@ def test_export_refuses_what_timm_cannot_hold_and_writes_nothing(run_dir, tmp_pa
     loaded = evaluate.load_trained_model(run_dir, "cpu")
     loaded.config.model.representation_size = 16
     with pytest.raises(UserError, match="pre-logits"):
-        evaluate.export(loaded, tmp_path / "vit.pth")
+        export.export(loaded, tmp_path / "vit.pth")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_printed_report_aligns_wide_class_names_by_their_terminal_columns():
+    names = ["cat", "飛行機", "ｶﾀｶﾅ", "e\u0301clair"]  # CJK (2 columns a character), half-width kana, a combining mark
+    confusion = torch.tensor([[3, 0, 1, 0], [0, 2, 0, 0], [1, 0, 5, 0], [0, 0, 0, 4]])
+    lines = evaluate.format_report(evaluate.report_from_counts(confusion, 16, 9.0, names)).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.endswith("accuracy  images"))
+    per_class, matrix = lines[header:header + 1 + len(names)], lines[-1 - len(names):]
+    for table in (per_class, matrix):  # every row of a table ends in the same terminal column
+        assert len({evaluate.display_width(line) for line in table}) == 1, "\n".join(table)
+    assert [evaluate.display_width(name) for name in names] == [3, 6, 4, 6]
 
 
 # ---------------------------------------------------------------------------------------------------------------

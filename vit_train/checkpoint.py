@@ -149,6 +149,18 @@ def folder_creation_error(folder: Path) -> Optional[str]:
     return None
 
 
+def check_writable(path):
+    """Fail before any work is done when `path` cannot be written: its folder is missing or read-only, or it is a
+    folder itself."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: the folder {folder} does not exist; create it or choose another path")
+    if Path(path).is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    if why := folder_write_error(folder):
+        raise UserError(f"cannot write {path}: the folder {folder} is not writable ({why}); choose another path")
+
+
 def load_checkpoint(path) -> dict:
     """The checkpoint at `path` (a file, or a run directory for its last.pt), tensors on the CPU.
 

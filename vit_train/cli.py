@@ -5,7 +5,8 @@ stderr and exits with status 2; `Parser` makes argparse's own usage errors UserE
 
     vit-train   train_main: flags -> vit_train.resolve.resolve_config -> vit_train.train.train
     vit-eval, vit-predict, vit-attention, vit-export
-                eval_main, predict_main, attention_main, export_main: checkpoint -> vit_train.evaluate
+                eval_main, predict_main, attention_main, export_main: checkpoint -> vit_train.evaluate,
+                vit_train.predict (predictions, attention), vit_train.export
 
 The parsers need only torch-free modules (the config's keys, recipes and names: vit_train/config.py). Each command
 imports the modules that do its work, and with them torch, after its arguments parse: --help, --version and
@@ -176,7 +177,8 @@ def train_main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# vit-eval, vit-predict, vit-attention, vit-export: looking at a trained model (vit_train/evaluate.py)
+# vit-eval, vit-predict, vit-attention, vit-export: looking at a trained model (vit_train/evaluate.py, predict.py,
+# export.py)
 
 def add_checkpoint_flag(parser, required=True):
     parser.add_argument("--checkpoint", required=required, metavar="RUN_DIR|FILE", type=path("--checkpoint"),
@@ -267,12 +269,13 @@ def eval_main(argv=None):
         print(format_releases())
         return 0
     from vit_train import evaluate
+    from vit_train.checkpoint import check_writable
     from vit_train.resolve import pretrained_config
     from vit_train.runtime import resolve_device, resolve_precision, slow_precision_warning
     if args.pretrained:
         check_weights_source(args.pretrained, args.model)
     for report_file in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
-        evaluate.check_writable(report_file)
+        check_writable(report_file)
     if args.plot:
         evaluate.require_matplotlib()
     device = resolve_device(args.device)
@@ -320,25 +323,27 @@ def predict_main(argv=None):
     args = predict_parser().parse_args(argv)
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    from vit_train import evaluate
+    from vit_train import predict
+    from vit_train.evaluate import load_trained_model
     from vit_train.runtime import resolve_device
-    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
-    images = [evaluate.read_image(path) for path in args.images]  # a bad file fails before any output
+    loaded = load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
+    images = [predict.read_image(path) for path in args.images]  # a bad file fails before any output
     for path, image in zip(args.images, images):
         print(path)
-        for name, probability in evaluate.predict(loaded, image, args.top_k):
+        for name, probability in predict.predict(loaded, image, args.top_k):
             print(f"  {probability:.4f}  {name}")
     return 0
 
 
 def attention_parser():
     parser = Parser(prog="vit-attention", description="Draw the attention rollout (Abnar & Zuidema 2020) of the "
-                    "CLS token over an image, beside the image, as a PNG; print the top classes.")
+                    "CLS token over an image, beside the image, as a picture file; print the top classes.")
     add_checkpoint_flag(parser)
     add_weights_flag(parser)
     parser.add_argument("image", metavar="IMAGE", type=path("IMAGE"),
                         help="an image file of any size (PNG, JPEG, ...)")
-    parser.add_argument("--out", required=True, type=path("--out"), metavar="FILE.png", help="the PNG to write")
+    parser.add_argument("--out", required=True, type=path("--out"), metavar="FILE.png", help="the picture to "
+                        "write, in the format its suffix names: .png, .jpg, .webp, ...")
     add_device_flag(parser)
     return parser
 
@@ -347,12 +352,15 @@ def attention_parser():
 def attention_main(argv=None):
     """vit-attention: write [image | attention rollout over the image] to --out."""
     args = attention_parser().parse_args(argv)
-    from vit_train import evaluate
+    from vit_train import predict
+    from vit_train.checkpoint import check_writable
+    from vit_train.evaluate import load_trained_model
     from vit_train.runtime import resolve_device
-    evaluate.check_writable(args.out)
-    loaded = evaluate.load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
-    panel, top = evaluate.attention_figure(loaded, evaluate.read_image(args.image))
-    evaluate.save_png(panel, args.out)
+    check_writable(args.out)
+    predict.image_format(args.out)  # an unknown suffix fails before any work too
+    loaded = load_trained_model(args.checkpoint, resolve_device(args.device), args.weights)
+    panel, top = predict.attention_figure(loaded, predict.read_image(args.image))
+    predict.save_image(panel, args.out)
     print(f"{args.image}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in top))
     print(f"wrote {args.out}")
     return 0
@@ -373,8 +381,9 @@ def export_parser():
 def export_main(argv=None):
     """vit-export: weights to --out, config to --out with the suffix .json."""
     args = export_parser().parse_args(argv)
-    from vit_train import evaluate
-    config_path = evaluate.export(evaluate.load_trained_model(args.checkpoint, "cpu", args.weights), args.out)
+    from vit_train.evaluate import load_trained_model
+    from vit_train.export import export
+    config_path = export(load_trained_model(args.checkpoint, "cpu", args.weights), args.out)
     print(f"wrote {args.out} and {config_path}; they may move, together. In Python, in their folder: "
           f"timm.create_model(**json.load(open({config_path.name!r}))['timm']); from elsewhere see docs/evaluate.md")
     return 0

@@ -26,7 +26,8 @@ from vit_train import budget
 from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint, write_atomically
 from vit_train.data import build_loaders, resize_images
 from vit_train.errors import UserError
-from vit_train.evaluate import attention_image, evaluate_model
+from vit_train.evaluate import evaluate_model
+from vit_train.predict import attention_image
 from vit_train.models.vit import VisionTransformer
 from vit_train.optim import Plan, WeightEMA, build_optimizer
 from vit_train.pretrained import load_pretrained

@@ -3,79 +3,40 @@
     python -m vit_train.bench.pipeline_overhead --data-dir data          # real CIFAR-10 (make_cifar10.py data)
     python -m vit_train.bench.pipeline_overhead --dataset synthetic
 
-End to end is `vit_train.train.train` on a small config: data gathered and augmented each step, loss read back,
-progress and TensorBoard logging (its reported images/s excludes start-up, evaluation and saving). The bare
-step is the same `train_step` on one fixed batch already on the device, with nothing else around it. The two
-alternate for `--rounds` rounds in one process; the medians give the overhead, 1 - end-to-end / bare.
+End to end is a real vit-train run on a small ViT: data gathered and augmented each step, logging. The bare step
+is the same training step on one fixed batch already on the device. The two alternate for --rounds rounds in one
+process; the medians give the overhead, 1 - end-to-end / bare (how: vit_train/bench/pipeline_timing.py). The
+flags are parsed here without torch, so --help answers at once.
 """
-import argparse
-import statistics
-import tempfile
-import time
+import sys
 
-import torch
-
-from vit_train.resolve import resolve_config
-from vit_train.models.vit import VisionTransformer
-from vit_train.runtime import resolve_device
-from vit_train.optim import build_optimizer
-from vit_train.train import train, train_step
-
-# A small ViT with 8-px patches (16 patches + CLS), the kind of model a CPU trains in minutes.
-# Crop and flip only, as when the figures in the README were measured (the default recipe now adds more).
-SMALL = {"model_name": "ViT-Ti_8", "model.transformer.num_layers": 6, "model.transformer.mlp_dim": 384,
-         "batch_size": 128, "optim.lr": 1e-3, "eval_every": 0, "save_every": 0, "quiet": True,
-         "data.auto_augment": "none", "data.mixup_alpha": 0.0, "data.cutmix_alpha": 0.0, "data.random_erasing": 0.0}
+from vit_train.bench.options import positive_int
+from vit_train.cli import Parser, entry_point, path
 
 
-def end_to_end(settings, output_dir, name) -> float:
-    final = train(resolve_config({**settings, "output_dir": output_dir, "name": name}))
-    return final["images_per_sec"]  # of the last logging window: start-up is not throughput
+def pipeline_overhead_parser():
+    parser = Parser(prog="python -m vit_train.bench.pipeline_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"),
+                        help="real CIFAR-10 from --data-dir, or the synthetic set (no files) (default: cifar10)")
+    parser.add_argument("--data-dir", default="./data", type=path("--data-dir"), metavar="DIR",
+                        help="holds cifar-10-batches-py/ (default: ./data)")
+    parser.add_argument("--model", metavar="NAME", help="the model of both (default: ViT-Ti_8 with 6 layers and "
+                        "MLP 384, 1.8M parameters)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="(default: 128)")
+    parser.add_argument("--steps", type=positive_int, default=100, metavar="N",
+                        help="training steps per round, timed in windows of 50 (default: 100)")
+    parser.add_argument("--rounds", type=positive_int, default=3, metavar="N", help="(default: 3)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return parser
 
 
-def bare_step(settings, output_dir, steps) -> float:
-    config = resolve_config({**settings, "output_dir": output_dir, "name": "bare"})
-    device = resolve_device(config.device)
-    model = VisionTransformer(config.model, config.img_size, 10).to(device).train()
-    optimizer = build_optimizer(model, config.optim, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    images = torch.randn(config.batch_size, 3, config.img_size, config.img_size, device=device)
-    targets = torch.randint(0, 10, (config.batch_size,), device=device)
-
-    def step():
-        return train_step(model, optimizer, scaler, images, targets, config, "fp32")
-
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()  # wait for the device
-    return steps * config.batch_size / (time.perf_counter() - start)
-
-
+@entry_point
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"))
-    parser.add_argument("--data-dir", default="./data")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per round (logged in windows of 50)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    window = min(50, args.steps)
-    settings = {**SMALL, "data.name": args.dataset, "data.data_dir": args.data_dir, "data.download": False,
-                "schedule.steps": args.steps, "schedule.warmup_steps": 10, "log_every": window,
-                "device": args.device}
-    rates = {"end to end": [], "bare step": []}
-    with tempfile.TemporaryDirectory() as output_dir:
-        for i in range(args.rounds):
-            rates["end to end"].append(end_to_end(settings, output_dir, f"round{i}"))
-            rates["bare step"].append(bare_step(settings, output_dir, window))
-            print(f"round {i}: end to end {rates['end to end'][-1]:.1f} img/s, "
-                  f"bare step {rates['bare step'][-1]:.1f} img/s", flush=True)
-    e2e, bare = (statistics.median(r) for r in rates.values())
-    print(f"median: end to end {e2e:.1f} img/s, bare step {bare:.1f} img/s, pipeline overhead {1 - e2e / bare:.1%}")
+    args = pipeline_overhead_parser().parse_args(argv)
+    from vit_train.bench import pipeline_timing
+    pipeline_timing.run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
