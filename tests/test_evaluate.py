@@ -73,6 +73,25 @@ def test_eval_json_matches_the_training_log(run_dir, tmp_path, capsys):
     assert "airplane" in printed and "confusion matrix" in printed and f"{report['accuracy']:.4f}" in printed
 
 
+def test_flip_averaging_is_an_option_reported_apart_and_averages_each_image_with_its_mirror(run_dir, tmp_path,
+                                                                                            capsys):
+    out = tmp_path / "flipped.json"
+    assert eval_main(["--checkpoint", str(run_dir), "--flip-average", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["flip_average"] and "averaged with its mirror image: --flip-average" in printed
+    loaded = evaluate.load_trained_model(run_dir, torch.device("cpu"))
+    loaders = evaluate.eval_loaders(loaded.config, torch.device("cpu"))
+    correct = 0
+    with torch.no_grad():
+        for images, targets in loaders.test.batches(0):
+            mean = (loaded.model(images) + loaded.model(images.flip(-1))) / 2
+            correct += (mean.argmax(dim=1) == targets).sum().item()
+    assert report["accuracy"] == correct / 200
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert report["loss"] != pytest.approx(logged["eval_loss"], rel=1e-6)  # not the single view training logged
+
+
 def test_eval_of_best_checkpoint_matches_its_saved_metrics(run_dir, tmp_path):
     out = tmp_path / "eval.json"
     assert eval_main(["--checkpoint", str(run_dir / "best.pt"), "--json", str(out)]) == 0

@@ -228,6 +228,9 @@ def eval_parser():
     parser.add_argument("--normalize", choices=NORMALIZATIONS, help="input normalisation: the dataset's mean and "
                         "std, or inception's [-1, 1] (default: the checkpoint's; inception with --pretrained)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch (default: the checkpoint's)")
+    parser.add_argument("--flip-average", action="store_true", help="average each test image's logits with its "
+                        "mirror image's (test-time augmentation, twice the work); without it, the accuracy is the "
+                        "single view training logs")
     add_device_flag(parser)
     parser.add_argument("--json", metavar="FILE", type=path("--json"), help="also write the metrics as JSON: "
                         "accuracy, top5_accuracy, loss, per_class_accuracy, confusion_matrix (rows: true class), "
@@ -294,7 +297,8 @@ def eval_main(argv=None):
             print(f"note: {note}")
     if warning := slow_precision_warning(resolve_precision(loaded.config.precision, device), device):
         print(f"warning: {warning}", file=sys.stderr)
-    report = evaluate.evaluate(loaded.model, loaders.test, loaders.class_names, device, loaded.config.precision)
+    report = evaluate.evaluate(loaded.model, loaders.test, loaders.class_names, device, loaded.config.precision,
+                               args.flip_average)
     print(evaluate.format_report(report))
     if args.json:
         evaluate.write_json(report, args.json)

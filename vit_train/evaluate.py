@@ -79,11 +79,12 @@ def check_class_count(loaded: LoadedModel, dataset_class_names: list):
 # The evaluation loop, shared by training and vit-eval so that both report the same numbers.
 
 @torch.no_grad()
-def eval_logits(model, test_loader, device, precision):
+def eval_logits(model, test_loader, device, precision, flip_average=False):
     """(float32 logits, targets) for each batch of this process's part of the test split.
 
     Deterministic: eval mode (no dropout), unaugmented images in a fixed order. vit-eval's metrics come from
-    these too, so its accuracy is the one training logged.
+    these too, so its accuracy is the one training logged. flip_average: the mean of the logits of each image and
+    of its mirror image (test-time augmentation, twice the work; never what training logs).
     """
     was_training = model.training
     model.eval()
@@ -91,6 +92,8 @@ def eval_logits(model, test_loader, device, precision):
         for images, targets in test_loader.batches(0):
             with autocast(device, precision):
                 logits = model(images)
+                if flip_average:
+                    logits = (logits + model(images.flip(-1))) / 2
             yield logits.float(), targets
     finally:
         model.train(was_training)
@@ -123,21 +126,25 @@ class EvalReport:
     confusion_matrix: list
     num_samples: int
     class_names: list
+    flip_average: bool = False  # each image's logits averaged with its mirror image's
 
 
-def evaluate(model, loader, class_names, device, precision="auto") -> EvalReport:
-    """Evaluate `model` on every sample of `loader` (a vit_train.data EvalLoader) with training's eval loop."""
+def evaluate(model, loader, class_names, device, precision="auto", flip_average=False) -> EvalReport:
+    """Evaluate `model` on every sample of `loader` (a vit_train.data EvalLoader) with training's eval loop;
+    flip_average as eval_logits's."""
     num_classes = len(class_names)
     top_k = min(5, num_classes)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # accumulated as training accumulates it
     top5_correct = torch.zeros((), dtype=torch.int64, device=device)  # tensors: no GPU sync per batch
-    for logits, targets in eval_logits(model, loader, device, resolve_precision(precision, device)):
+    for logits, targets in eval_logits(model, loader, device, resolve_precision(precision, device), flip_average):
         loss_sum += F.cross_entropy(logits, targets, reduction="sum")
         confusion += torch.bincount(targets * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
         top5_correct += (logits.topk(top_k, dim=1).indices == targets[:, None]).any(dim=1).sum()
-    return report_from_counts(confusion.view(num_classes, num_classes).cpu(), top5_correct.item(), loss_sum.item(),
-                              class_names)
+    report = report_from_counts(confusion.view(num_classes, num_classes).cpu(), top5_correct.item(),
+                                loss_sum.item(), class_names)
+    report.flip_average = flip_average
+    return report
 
 
 def report_from_counts(confusion, top5_correct, loss_sum, class_names) -> EvalReport:
@@ -174,8 +181,9 @@ def format_report(report: EvalReport) -> str:
     """The report as plain-text tables: the totals, per-class accuracy, and the confusion matrix."""
     counts = report.confusion_matrix
     width = max(display_width(name) for name in ["class", *report.class_names])
+    views = " (each image averaged with its mirror image: --flip-average)" if report.flip_average else ""
     lines = [f"{report.num_samples} test images: accuracy {report.accuracy:.4f}  top-5 accuracy "
-             f"{report.top5_accuracy:.4f}  loss {report.loss:.4f}", "",
+             f"{report.top5_accuracy:.4f}  loss {report.loss:.4f}{views}", "",
              f"{'':>3}  {pad('class', width)}  accuracy  images"]
     for i, name in enumerate(report.class_names):
         accuracy = report.per_class_accuracy[name]
