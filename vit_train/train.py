@@ -348,7 +348,8 @@ def train(config, clock=time.perf_counter):
                 float(window[-1])  # wait for the device: the steps so far are done
                 trained = clock() - loop_started - paused
                 replan(run, calibration, seconds_left=calibration.budget - (clock() - started),
-                       seconds_trained=trained - replanned[1], first_step=replanned[0])
+                       seconds_trained=trained - replanned[1], first_step=replanned[0],
+                       first=replanned[0] == first_step)
                 replanned = (state.step, trained)
                 replan_at = state.step + max(1, round(budget.REPLAN_EVERY * state.plan.total_steps))
             at_end = state.step == state.plan.total_steps
@@ -425,9 +426,9 @@ def announce_duration(run, last_loss, seconds_per_step):
                                     run.state.steps_per_epoch))
 
 
-def replan(run, calibration, seconds_left, seconds_trained, first_step):
+def replan(run, calibration, seconds_left, seconds_trained, first_step, first):
     """Re-fit a budget run's length to the time left (budget.Calibration.replan), from steps first_step on, on
-    every rank alike. Said when the length moves by 1% or more."""
+    every rank alike. Said the first time, and later when the length moves by 2% and 10 steps or more."""
     state, config = run.state, run.state.config
     before = state.plan.total_steps
     state.plan, slowdown = all_ranks(calibration.replan(state.plan, state.step, seconds_left, seconds_trained,
@@ -439,4 +440,4 @@ def replan(run, calibration, seconds_left, seconds_trained, first_step):
                           f"re-planned at step {state.step}: steps {first_step}-{state.step} took {slowdown:.2f}x "
                           f"the calibrated time, so {state.plan.total_steps} steps rather than {before} "
                           f"({state.plan.total_steps / state.steps_per_epoch:.1f} epochs)",
-                          said=abs(state.plan.total_steps - before) >= 0.01 * before)
+                          said=first or abs(state.plan.total_steps - before) >= max(0.02 * before, 10))
