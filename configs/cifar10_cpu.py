@@ -10,12 +10,14 @@ docs/results.md, "What a CPU reaches"):
 - fixed 2-D sine-cosine position embeddings, mimetic attention initialisation (query-key products near the
   identity, value-projection products near minus the identity) and global average pooling instead of the CLS
   token: together attention starts out local, as a convolution's, and learns in fewer epochs;
-- Muon for the weight matrices of the transformer blocks, AdamW for the rest (optim.name=muon), lr 1e-3, weight
-  decay 0.05, batch 128, warm-up 5% of the run, cosine to zero, label smoothing 0.1;
+- Muon for the weight matrices of the transformer blocks, AdamW for the rest (optim.name=muon; its
+  orthogonalisation in bf16 only where the CPU has bf16 instructions, fp32 elsewhere), lr 1e-3, weight decay
+  0.05, batch 128, warm-up 5% of the run, cosine to zero, label smoothing 0.1 (0.2, linear decay, an EMA and a
+  small translate were tried again and did not help);
 - flips only, no random crop: with a dozen epochs the model under-fits, and crops cost accuracy; no mixing, no
   auto-augment, no EMA (all help long runs, not this one).
 The number of steps comes from the time budget: steps are timed, the schedule is planned to end within it, and
-re-planned once after a fifth of the run (docs/training.md).
+re-planned as the run goes, from a fifth of it on (docs/training.md).
 """
 from vit_train.config import base_config, recipe_model
 
