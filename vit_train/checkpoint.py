@@ -203,6 +203,13 @@ def load_checkpoint(path) -> dict:
     return checkpoint
 
 
+def check_resume_length(path, step: int, total_steps: int):
+    """A resumed run must be asked for at least the steps its checkpoint has done."""
+    if total_steps < step:
+        raise UserError(f"{path} is at step {step}, past the {total_steps} steps asked for; give --steps {step} or "
+                        "more (or --epochs) to continue it")
+
+
 def rng_state(device: torch.device) -> dict:
     """Every random generator this process draws from, in types `torch.load(weights_only=True)` accepts.
 

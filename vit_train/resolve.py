@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_collections
 
 from vit_train.budget import budget_seconds
-from vit_train.checkpoint import (check_no_other_run, check_not_in_use, checkpoint_path, folder_creation_error,
-                                  load_checkpoint)
+from vit_train.checkpoint import (check_no_other_run, check_not_in_use, check_resume_length, checkpoint_path,
+                                  folder_creation_error, load_checkpoint)
 from vit_train.config import (DEFAULT_RECIPES, PATH_KEYS, PRECISIONS, base_config, get_key, load_recipe,
                               parse_assignment, set_key, user_path)
 from vit_train.data.loaders import check_data_config, saved_data_config
@@ -80,7 +80,7 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
     if resume:
         if recipe is not None:
             raise UserError("--config cannot be combined with --resume: a resumed run keeps its saved config")
-        config = resumed_config(resume)
+        config, resumed_step = resumed_config(resume)
     else:
         config = load_recipe(DEFAULT_RECIPES[bool(given.get("pretrained"))] if recipe is None
                              else user_path(recipe, "--config"))
@@ -105,6 +105,8 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
             set_key(config, key, value)
     for key, value in fixed.items():
         require(get_key(config, key) == value, f"{key} cannot change when resuming ({value!r} in {resume})")
+    if resume and config.schedule.steps is not None:  # before the run claims its folder (--epochs: once data is read)
+        check_resume_length(config.resume, resumed_step, config.schedule.steps)
     for key in PATH_KEYS:  # a recipe's paths too (a saved empty path, from before they were refused, stays)
         if get_key(config, key):
             set_key(config, key, os.path.expanduser(get_key(config, key)))
@@ -154,17 +156,19 @@ def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
     return config
 
 
-def resumed_config(resume) -> ml_collections.ConfigDict:
-    """The config saved in a checkpoint, pointed at it; the run continues in the checkpoint's directory."""
+def resumed_config(resume) -> tuple:
+    """(the config saved in a checkpoint, pointed at it, the checkpoint's step); the run continues in the
+    checkpoint's directory."""
     path = checkpoint_path(resume)
     check_not_in_use(path.parent, resuming=True)  # a run still going, maybe before its first last.pt
     config = base_config()  # keys added since the checkpoint was written keep their defaults (features off)
-    saved = load_checkpoint(path)["config"]
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
     config.update(saved)
     config.data = saved_data_config(saved["data"])
     config.output_dir, config.name, config.resume = str(path.parent.parent), path.parent.name, str(path)
     config.lock()
-    return config
+    return config, checkpoint["step"]
 
 
 def require(ok, message):

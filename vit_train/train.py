@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from vit_train import budget
-from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint, write_atomically
+from vit_train.checkpoint import (check_resume_length, load_checkpoint, owned_folder, save_checkpoint,
+                                  write_atomically)
 from vit_train.data import build_loaders, resize_images
 from vit_train.errors import UserError
 from vit_train.evaluate import attention_image, eval_logits, evaluate_model
@@ -269,9 +270,8 @@ def build_run(config, run_dir, rank, world_size, device) -> Run:
                      config, run_dir.name, loaders.class_names, len(loaders.train), device, rank, world_size)
     if config.resume:
         state.load_state_dict(load_checkpoint(config.resume))
-        if state.plan and state.plan.total_steps < state.step:
-            raise UserError(f"{config.resume} is at step {state.step}, past the {state.plan.total_steps} steps asked "
-                            f"for; give --steps {state.step} or more (or --epochs) to continue it")
+        if state.plan:  # --epochs (--steps is checked as the config resolves)
+            check_resume_length(config.resume, state.step, state.plan.total_steps)
     attention_samples = next(loaders.test.batches(0))[0][:4]
     return Run(state, train_model, eval_model, loaders, precision, run_dir, attention_samples, saved_step=state.step)
 
