@@ -17,6 +17,8 @@ from vit_train.cli import attention_main, eval_main, export_main, predict_main, 
 from vit_train.resolve import resolve_config
 from vit_train.train import train
 
+from test_data import write_image_folder
+
 COMMANDS = {"vit-train": train_main, "vit-eval": eval_main, "vit-predict": predict_main,
             "vit-attention": attention_main, "vit-export": export_main}
 # A valid tiny run; each vit-train case adds its mistake. {tmp} is the test's own folder, {made} the inputs below.
@@ -114,7 +116,20 @@ CASES = [
      "--pretrained is not used when resuming"),
     ("vit-train", "resume to fewer steps than done", ["--resume", DONE, "--steps", "1"],
      "is at step 2, past the 1 steps asked for"),
-    ("vit-train", "resume with a time budget", ["--resume", DONE, "--time-budget", "1h"], "keeps the steps"),
+    ("vit-train", "resume of a run planned by steps with a time budget", ["--resume", DONE, "--time-budget", "1h"],
+     "a resumed run keeps its length, its --steps or --epochs; give --steps N"),
+    ("vit-train", "resume of a budget run with another budget", ["--resume", "{made}/budget.pt", "--time-budget",
+                                                                 "1h"], "keeps its length, the steps its time budget"),
+    # vit-train: a run folder holding another run's files but no last.pt
+    ("vit-train", "a folder of a run stopped before its first checkpoint",
+     [*TRAIN, "--output-dir", "{made}/runs", "--name", "unsaved"],
+     "unsaved already holds a run (config.json, TensorBoard events); remove the folder to start it over, or choose "
+     "another --name"),
+    ("vit-train", "a folder of a run with best.pt only", [*TRAIN, "--output-dir", "{made}/runs", "--name", "best_only"],
+     "best_only already holds a run (best.pt, config.json); continue it from its best checkpoint with --resume "),
+    # vit-train: image folders
+    ("vit-train", "a broken symbolic link in an image folder",
+     [*TRAIN, "--dataset", "imagefolder", "--data-dir", "{made}/linked"], "gone.png (a broken symbolic link); remove"),
     # vit-train: the command line and recipes
     ("vit-train", "unknown --set key", [*TRAIN, "--set", "optim.momentun=0.8"], "unknown config key"),
     ("vit-train", "--set of the wrong type", [*TRAIN, "--set", "optim.lr=fast"], "optim.lr takes a number"),
@@ -169,6 +184,9 @@ CASES = [
                                                          "--dataset", "synthetic", "--img-size", "32"],
      "not a .npz archive of arrays"),
     ("vit-eval", "unknown dataset", ["--checkpoint", DONE, "--dataset", "mnist"], "invalid choice"),
+    ("vit-eval", "weights of another width", ["--model", "ViT-Ti_4", "--pretrained", DONE + "/last.pt", "--dataset",
+                                              "synthetic", "--img-size", "32"],
+     "does not fit the model: 'cls_token' is (1, 1, 32) in the checkpoint and (1, 1, 192) in the model"),
     ("vit-eval", "unknown model for weights", ["--model", "ViT-Q_16", "--pretrained", "{made}/notes.txt"],
      "unknown model"),
     ("vit-eval", "unknown device", ["--checkpoint", DONE, "--device", "tpu"], "device"),
@@ -211,6 +229,16 @@ def made(tmp_path_factory) -> Path:
                           "data.synthetic_test_size": 32, "batch_size": 32, "schedule.steps": 2, "optim.lr": 1e-3,
                           "quiet": True, "output_dir": str(made / "runs"), "name": "done"}))
     (made / "notes.txt").write_text("not a checkpoint")
+    budget = torch.load(made / "runs" / "done" / "last.pt", weights_only=True)
+    budget["config"]["time_budget"] = "1m"  # as a --time-budget run records it
+    torch.save(budget, made / "budget.pt")
+    for name, files in {"unsaved": ("config.json", "events.out.tfevents.1.host.1.0"),
+                        "best_only": ("config.json", "best.pt")}.items():
+        (made / "runs" / name).mkdir()
+        for file in files:
+            (made / "runs" / name / file).write_bytes((made / "runs" / "done" / "config.json").read_bytes())
+    write_image_folder(made / "linked", per_class_train=2, per_class_val=1)
+    (made / "linked" / "train" / "cat" / "gone.png").symlink_to(made / "nowhere.png")
     (made / "garbage.npz").write_bytes(b"\x00not an archive" * 10)
 
     class RunsCode:  # a pickle that would create a folder when loaded
@@ -226,7 +254,7 @@ def made(tmp_path_factory) -> Path:
 
 def snapshot(*folders):
     """Every path under the folders with its size and modification time: any write changes it."""
-    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for folder in folders for path in folder.rglob("*")}
+    return {path: (path.lstat().st_size, path.lstat().st_mtime_ns) for folder in folders for path in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("command, argv, fragment", [(command, argv, fragment) for command, _, argv, fragment in CASES],

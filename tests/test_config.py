@@ -91,7 +91,7 @@ def test_batch_must_divide_by_accumulation_times_processes(tmp_path, monkeypatch
 def test_an_existing_run_is_not_overwritten(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "last.pt").write_bytes(b"")
-    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+    with pytest.raises(UserError, match=r"already holds a run \(last.pt\); continue it with --resume"):
         resolve_config({**TINY, "output_dir": str(tmp_path), "name": "x"})
 
 

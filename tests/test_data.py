@@ -2,10 +2,14 @@
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -398,18 +402,166 @@ def test_a_folder_that_fits_is_decoded_once_cached_and_decoded_anew_when_it_chan
                 Image.fromarray(pixels[split, cls, i]).save(root / split / cls / f"{i}.png")
     cfg = config(name="imagefolder", data_dir=str(root), crop_padding=0, hflip=False)
     first = loaders(cfg, batch_size=4, eval_batch_size=8)
-    assert first.note.startswith("decoded 24 images in ") and "cached in" in first.note
+    assert first.note.startswith("train: 16 images decoded and cached; val: 8 images decoded and cached (")
     # at the image's own size the pixels are the files' exactly: the same data CIFAR's arrays would be
     stored = first.test.source.images
     assert torch.equal(stored[0], torch.from_numpy(pixels["val", "cat", 0]).permute(2, 0, 1))
     assert torch.equal(stored[4], torch.from_numpy(pixels["val", "dog", 0]).permute(2, 0, 1))
     again = loaders(cfg, batch_size=4, eval_batch_size=8)
-    assert again.note.startswith("decoded images from ") and torch.equal(again.train.source.images,
-                                                                      first.train.source.images)
+    assert again.note.startswith("train: 16 images from the cache; val: 8 images from the cache (")
+    assert torch.equal(again.train.source.images, first.train.source.images)
+    cached = sorted((tmp_path / "cache" / "folders").glob("*.npy"))
     Image.fromarray(pixels["train", "cat", 0][::-1].copy()).save(root / "train" / "cat" / "0.png")  # changed
     changed = loaders(cfg, batch_size=4, eval_batch_size=8)
-    assert changed.note.startswith("decoded 24 images in ")
+    assert changed.note.startswith("train: 16 images decoded and cached; val: 8 images from the cache (")
     assert not torch.equal(changed.train.source.images, first.train.source.images)
-    assert len(list((tmp_path / "cache" / "folders").glob("*.npz"))) == 2
-    larger = loaders(cfg, img_size=48, batch_size=4, eval_batch_size=8)  # another size: decoded for it
-    assert larger.train.source.images.shape[-2:] == (48, 48) and larger.note.startswith("decoded 24 images")
+    now = sorted((tmp_path / "cache" / "folders").glob("*.npy"))  # the train split's old file is gone
+    assert len(now) == 2 and len(set(now) & set(cached)) == 1
+    # rewritten in place with its size and modification time put back: its change time still tells
+    image = root / "train" / "dog" / "1.png"
+    stat = image.stat()
+    Image.fromarray(pixels["train", "dog", 1][:, ::-1].copy()).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size
+    rewritten = loaders(cfg, batch_size=4, eval_batch_size=8)
+    assert rewritten.note.startswith("train: 16 images decoded and cached;")
+    assert torch.equal(rewritten.train.source.images[9],
+                       torch.from_numpy(pixels["train", "dog", 1][:, ::-1].copy()).permute(2, 0, 1))
+    larger = loaders(cfg, img_size=48, batch_size=4, eval_batch_size=8)  # another size: decoded for it, kept beside
+    assert larger.train.source.images.shape[-2:] == (48, 48) and larger.note.startswith("train: 16 images decoded")
+    assert len(list((tmp_path / "cache" / "folders").glob("*.npy"))) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "another shape", "a pickle"])
+def test_a_damaged_cache_file_is_named_in_a_warning_and_decoded_again(damage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "folder")
+    cfg = config(name="imagefolder", data_dir=str(tmp_path / "folder"))
+    first = loaders(cfg, batch_size=4)
+    train_file = next(path for path in (tmp_path / "cache" / "folders").glob("*.npy")
+                      if np.load(path).shape[0] == 12)
+    whole = train_file.read_bytes()
+    damaged = {"truncated": lambda: whole[:len(whole) // 2], "garbage": lambda: b"\x93NUMPY garbage" * 40,
+               "another shape": lambda: save_bytes(np.zeros((3, 3, 32, 32), np.uint8)),
+               "a pickle": lambda: save_bytes(np.array([{"x": 1}], dtype=object))}[damage]()
+    train_file.write_bytes(damaged)
+    capsys.readouterr()
+    rebuilt = loaders(cfg, batch_size=4)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the decoded-image cache {train_file} is damaged (") and err.count("\n") == 1
+    assert "decoding the folder again" in err and "allow_pickle" not in err, err
+    assert torch.equal(rebuilt.train.source.images, first.train.source.images)
+    assert train_file.read_bytes() == whole  # rebuilt in place
+    assert "train: 12 images from the cache" in loaders(cfg, batch_size=4).note
+
+
+def save_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def test_the_folder_cache_decodes_and_loads_in_about_the_memory_of_the_decoded_pixels(tmp_path, monkeypatch):
+    """Peak host memory (numpy's allocations, which tracemalloc follows) against the decoded size: decoding fills
+    one array in place and writes it from there; loading reads the file into one array."""
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "folder", per_class_train=60, per_class_val=20)
+    cfg = config(name="imagefolder", data_dir=str(tmp_path / "folder"))
+    decoded_bytes = 160 * 3 * 96 * 96
+    for action in ("decoding", "loading"):
+        tracemalloc.start()
+        try:
+            built = loaders(cfg, img_size=96, batch_size=4)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert built.note.startswith("train: 120 images " + ("decoded" if action == "decoding" else "from the"))
+        assert peak < 1.2 * decoded_bytes, f"{action}: peak {peak} bytes for {decoded_bytes} decoded"
+
+
+BUILD_SLOWLY = """
+import io, sys, time
+from pathlib import Path
+import numpy as np
+import torch
+from vit_train.config import default_data_config
+from vit_train.data import build_loaders
+
+folder, out, ready, other = sys.argv[1:]
+real_write = np.lib.format.write_array
+
+def write_slowly(f, array, **kwargs):  # the two writes overlap for certain: each takes a second, in pieces
+    whole = io.BytesIO()
+    real_write(whole, array, **kwargs)
+    data = whole.getvalue()
+    for start in range(0, len(data), len(data) // 10 + 1):
+        f.write(data[start:start + len(data) // 10 + 1])
+        f.flush()
+        time.sleep(0.1)
+
+np.lib.format.write_array = write_slowly
+Path(ready).touch()
+while not Path(other).exists():  # start together
+    time.sleep(0.01)
+cfg = default_data_config()
+cfg.update(name="imagefolder", data_dir=folder)
+built = build_loaders(cfg, img_size=64, batch_size=4, eval_batch_size=4, device="cpu", seed=0)
+print(built.note)
+torch.save(built.train.source.images, out)
+"""
+
+
+def test_two_processes_building_one_cache_each_publish_a_complete_file(tmp_path):
+    """Two real processes decode the same folder at once and write its cache file at the same time, slowly: each
+    writes a temporary file of its own, so the published one is whole whichever rename comes last."""
+    write_image_folder(tmp_path / "folder", per_class_train=60, per_class_val=20)
+    env = {**os.environ, "VIT_TRAIN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, "-c", BUILD_SLOWLY, str(tmp_path / "folder"),
+                                   str(tmp_path / f"{i}.pt"), str(tmp_path / f"ready{i}"), str(tmp_path / f"ready{1 - i}")],
+                                  env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert all(out.startswith("train: 120 images decoded and cached") for out, _ in outputs), outputs
+    folder = tmp_path / "cache" / "folders"
+    assert not [path for path in folder.iterdir() if path.suffix == ".tmp"]
+    decoded = torch.load(tmp_path / "0.pt")
+    assert torch.equal(decoded, torch.load(tmp_path / "1.pt"))
+    published = {len(array): array for array in map(np.load, folder.glob("*.npy"))}
+    assert sorted(published) == [40, 120] and np.array_equal(published[120], decoded.numpy())
+
+
+def test_files_torchvision_does_not_read_are_counted_in_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "moving.gif")
+    (tmp_path / "val" / "dog" / "notes.txt").write_text("not an image")
+    built = loaders(config(name="imagefolder", data_dir=str(tmp_path)), batch_size=4)
+    assert len(built.train.source) == 12 and len(built.test.source) == 6
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: skipped 2 files in {tmp_path} that torchvision does not read as images (.gif, "
+                          ".txt; it reads .jpg ") and err.count("\n") == 1, err
+    assert str(tmp_path / "train" / "cat" / "moving.gif") in err
+
+
+def test_a_broken_symbolic_link_is_one_line_on_both_folder_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path, per_class_train=2)
+    (tmp_path / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    expected = f"cannot read image {tmp_path / 'train' / 'cat' / 'gone.png'} (a broken symbolic link); remove"
+    one_line_error(lambda: loaders(config(name="imagefolder", data_dir=str(tmp_path)), batch_size=4), expected)
+    built = loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=0, folder_in_memory=False),
+                    batch_size=5)
+    one_line_error(lambda: epoch(built.train), expected)
+
+
+def test_num_workers_on_a_folder_decoded_in_memory_is_named_in_a_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VIT_TRAIN_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path)
+    loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=8), batch_size=4)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: data.num_workers is read only when an image folder is read by DataLoader "
+                          "workers") and "does nothing" in err and err.count("\n") == 1, err
+    loaders(config(name="imagefolder", data_dir=str(tmp_path), num_workers=8, folder_in_memory=False), batch_size=4)
+    loaders(config(name="imagefolder", data_dir=str(tmp_path)), batch_size=4)  # the default: not the user's doing
+    assert capsys.readouterr().err == ""

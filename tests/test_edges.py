@@ -1,5 +1,6 @@
 """What a new user trips on, beyond the bad-input table: lengths at the edges, budgets at any evaluation frequency
 and too short for the model, one process per run folder, a full disk under TensorBoard, and the EMA's bookkeeping."""
+import errno
 import itertools
 import json
 import os
@@ -10,12 +11,15 @@ import sys
 import pytest
 import torch
 
+import vit_train.checkpoint
+import vit_train.models
 import vit_train.train
 from vit_train.budget import Calibration, budget_steps
-from vit_train.checkpoint import load_checkpoint, save_checkpoint
+from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint
 from vit_train.cli import eval_main, export_main, train_main
 from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
+from vit_train.models.vit import VisionTransformer
 from vit_train.optim import Plan
 from vit_train.report import duration_line, end_time, format_duration
 from vit_train.train import train
@@ -234,3 +238,96 @@ def test_an_export_that_does_not_fit_leaves_the_pair_as_it_was(small_disk, tmp_p
         assert err.startswith("error: could not write ") and err.count("\n") == 1, err
         (disk / "filler").unlink()
         assert {p.name: p.read_bytes() for p in disk.iterdir()} == pair
+
+
+def test_a_run_claims_its_folder_before_reading_any_data(tmp_path, monkeypatch, capsys):
+    """Another process takes the folder between this run's config and its start: the run is refused before it
+    builds anything, and a folder it made for itself is gone again."""
+    config = resolve_config({**TINY, "schedule.steps": 2, "output_dir": str(tmp_path / "runs"), "name": "raced"})
+    built = []
+    monkeypatch.setattr(vit_train.train, "build_loaders", lambda *args, **kwargs: built.append(1))
+    with owned_folder(tmp_path / "runs" / "raced", resuming=False):  # as the other process holds it
+        with pytest.raises(UserError, match=rf"in use by another vit-train process \(pid {os.getpid()}\)"):
+            train(config)
+    assert built == []
+    refused = resolve_config({**TINY, "schedule.steps": 2, "output_dir": str(tmp_path / "runs"), "name": "bad",
+                              "data.name": "cifar10", "data.data_dir": str(tmp_path / "none"), "data.download": False})
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="downloading is off"):
+        train(refused)
+    assert list(tmp_path.iterdir()) == []  # neither folder, nor the runs/ made for them, is left
+
+
+def test_a_filesystem_without_locks_is_named_in_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(vit_train.checkpoint.fcntl, "flock", no_locks)
+    assert train_main([*TINY_SETS, "--steps", "1", "--output-dir", str(tmp_path), "--name", "nfs"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: cannot lock {tmp_path / 'nfs'} (No locks available): its filesystem has no flock, "
+                        "so nothing stops another vit-train process from writing into this run folder too; the run "
+                        "goes on"]
+    assert load_checkpoint(tmp_path / "nfs")["step"] == 1
+
+
+def test_resuming_a_run_still_going_names_its_process_with_or_without_a_checkpoint(tmp_path, capsys):
+    assert train_main([*TINY_SETS, "--steps", "1", "--output-dir", str(tmp_path), "--name", "going"]) == 0
+    (tmp_path / "starting").mkdir()  # a run before its first last.pt
+    for folder in (tmp_path / "going", tmp_path / "starting"):
+        before = {path.name: path.read_bytes() for path in folder.iterdir() if path.name != ".lock"}
+        capsys.readouterr()
+        with owned_folder(folder, resuming=True):  # as the other process holds it
+            assert train_main(["--resume", str(folder), "--steps", "2"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {folder} is still being trained by another vit-train process (pid {os.getpid()}); wait for it "
+            f"to end, or stop it (Ctrl-C there, or kill -INT {os.getpid()}: it saves last.pt) and resume then\n")
+        assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name != ".lock"} == before
+
+
+@pytest.mark.parametrize("phase", ["evaluating", "training"])
+def test_out_of_memory_names_the_phase_and_the_setting_that_helps(phase, tmp_path, monkeypatch, capsys):
+    real_forward = VisionTransformer.forward
+
+    def exhausted(self, *args, **kwargs):
+        if self.training == (phase == "training"):
+            raise MemoryError
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTransformer, "forward", exhausted)
+    assert train_main([*TINY_SETS, "--steps", "2", "--output-dir", str(tmp_path), "--name", "oom"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    if phase == "evaluating":
+        assert err.startswith("error: out of memory on the CPU while evaluating, at evaluation batches of 512; give "
+                              "a smaller --set eval_batch_size=N."), err
+        assert "--grad-accum" not in err
+    else:
+        assert err.startswith("error: out of memory on the CPU while training at batch size 32 (1 micro-batches of 32 "
+                              "per process and step); give --grad-accum 2 "), err
+
+
+def test_an_image_folder_evaluates_without_its_training_split_and_says_where_resume_is_not_exact(tmp_path, capsys):
+    write_image_folder(tmp_path / "imgs", per_class_train=8, per_class_val=4)
+    for workers_path in (False, True):
+        folder = ["--model", "testing", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"),
+                  "--img-size", "32", "--batch-size", "8", "--quiet", "--set", "data.num_workers=0",
+                  "--set", f"data.folder_in_memory={not workers_path}", "--output-dir", str(tmp_path), "--name",
+                  f"r{workers_path}"]
+        assert train_main([*folder, "--steps", "1"]) == 0
+        capsys.readouterr()
+        assert train_main(["--resume", str(tmp_path / f"r{workers_path}"), "--steps", "2"]) == 0
+        notes = [line for line in capsys.readouterr().out.splitlines() if "does not continue bit for bit" in line]
+        assert len(notes) == workers_path, notes
+    (tmp_path / "imgs" / "train" / "cat" / "0.png").write_bytes(b"\x89PNG truncated")
+    for workers_path in (False, True):
+        assert eval_main(["--checkpoint", str(tmp_path / f"r{workers_path}"), "--json", str(tmp_path / "e.json")]) == 0
+        assert json.loads((tmp_path / "e.json").read_text())["num_samples"] == 8
+
+
+def test_the_previous_releases_import_of_create_model_still_works():
+    from vit_train.models import VisionTransformer as network, create_model  # noqa: the old import path
+
+    assert isinstance(create_model("testing", img_size=32, num_classes=3), network)
+    with pytest.raises(AttributeError, match="no attribute 'create_modle'"):
+        vit_train.models.create_modle  # noqa: B018

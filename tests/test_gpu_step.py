@@ -71,7 +71,7 @@ def test_steady_steps_on_a_gpu_never_synchronise(tmp_path, settings):
     device = torch.device("cuda")
     config = resolve_config({**EVERYTHING_ON, "schedule.steps": 20, "device": "cuda", "output_dir": str(tmp_path),
                              "name": "gpu", **settings})
-    run = build_run(config, rank=0, world_size=1, device=device)
+    run = build_run(config, tmp_path / "gpu", rank=0, world_size=1, device=device)
     batches = train_batches(run.loaders.train, 0)
     for _ in range(3):  # first steps allocate and warm caches
         run.state.set_learning_rate()
@@ -155,8 +155,8 @@ def test_memory_exhausted_on_the_cpu_is_one_line_and_keeps_the_last_checkpoint(t
                            "--batch-size", "32768"], capture_output=True, text=True, preexec_fn=limit_memory,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: out of memory on the CPU at batch size 32768 (1 micro-batches of 32768 "
-                                  "per process and step, evaluation batches of 512); give --grad-accum 2 "), done.stderr
+    assert done.stderr.startswith("error: out of memory on the CPU while training at batch size 32768 (1 "
+                                  "micro-batches of 32768 per process and step); give --grad-accum 2 "), done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 

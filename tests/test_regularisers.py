@@ -332,7 +332,7 @@ def test_a_budget_run_ends_within_its_budget_and_resumes_its_planned_schedule(tm
     # Resumed for more steps, it keeps the planned schedule's length unless told otherwise.
     resumed = resolve_config({"resume": str(tmp_path / "budget")})
     assert (resumed.schedule.steps, resumed.schedule.warmup_steps) == (planned["steps"], planned["warmup_steps"])
-    with pytest.raises(UserError, match="keeps the steps its time budget planned"):
+    with pytest.raises(UserError, match="keeps its length, the steps its time budget planned"):
         resolve_config({"resume": str(tmp_path / "budget"), "time_budget": "1h"})
 
 

@@ -8,10 +8,12 @@ Writes are atomic (temporary file, fsync, rename), so a crash mid-save leaves th
 """
 import contextlib
 import fcntl
+import itertools
 import os
 import pickle
 import random
 import re
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -21,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vit_train.errors import UserError, first_line
+from vit_train.errors import UserError, first_line, warn
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config")
 ZIP_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter")
@@ -43,9 +45,11 @@ def write_atomically(path, write, what="file") -> None:
     readers see the old file or the complete new one. A failed write (a full disk, a missing folder) leaves no
     temporary file and the old file as it was, and is reported in one line as a UserError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name of this write's own (created exclusively, so with the umask's permissions): two processes writing one
+    # path at once each fill their own file, and the last rename wins with a complete one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -73,14 +77,20 @@ def write_atomically(path, write, what="file") -> None:
 
 
 LOCK_FILE = ".lock"
+# What a run leaves in its folder (and TensorBoard's events.out.tfevents.* files): a folder holding any of them is
+# another run's, continued with --resume, never started over.
+RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.jsonl")
 
 
 @contextlib.contextmanager
 def owned_folder(folder, resuming: bool):
     """Create `folder` and hold it for this process for the block: a second process that asks for it gets a
     one-line UserError rather than writing into it too. The hold is an flock on folder/.lock, which the system
-    lets go when the process ends however it ends, so a crash never leaves the folder stuck."""
+    lets go when the process ends however it ends, so a crash never leaves the folder stuck. A run claims its
+    folder before any heavy work, so the folder (and any parent made for it) is removed again when the block ends
+    with nothing written there: a run refused while it builds leaves no empty folder behind."""
     folder = Path(folder)
+    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.absolute().parents)))
     folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / LOCK_FILE, "a+")
     try:
@@ -89,9 +99,10 @@ def owned_folder(folder, resuming: bool):
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise in_use(folder, holder) from None
-    except OSError:
-        pass  # a filesystem without locks (some network mounts): nothing can be held, the run goes on
+        raise in_use(folder, holder, resuming) from None
+    except OSError as error:  # a filesystem without locks (some network mounts): nothing can be held
+        warn(f"cannot lock {folder} ({error.strerror or error}): its filesystem has no flock, so nothing stops "
+             "another vit-train process from writing into this run folder too; the run goes on")
     try:
         check_no_other_run(folder, resuming)  # again: a run may have ended there while this one was starting
         lock.truncate(0)
@@ -99,16 +110,31 @@ def owned_folder(folder, resuming: bool):
         lock.flush()
         yield folder
     finally:
+        if made and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            for directory in made:  # innermost first; one another process has written in since stays
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
         lock.close()
 
 
 def check_no_other_run(folder, resuming: bool):
-    """A folder that holds a run's last.pt is continued with --resume, never started over."""
-    if (Path(folder) / "last.pt").exists() and not resuming:
-        raise UserError(f"{folder} already holds a run; continue it with --resume {folder} or choose another --name")
+    """A folder that holds a run's files is continued with --resume, never started over (RUN_FILES)."""
+    folder = Path(folder)
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    found += ["TensorBoard events"] if any(folder.glob("events.out.tfevents.*")) else []
+    if resuming or not found:
+        return
+    if "last.pt" in found:
+        how = f"continue it with --resume {folder}"
+    elif "best.pt" in found:
+        how = f"continue it from its best checkpoint with --resume {folder / 'best.pt'}"
+    else:  # stopped before its first checkpoint: nothing to continue
+        how = "remove the folder to start it over"
+    raise UserError(f"{folder} already holds a run ({', '.join(found)}); {how}, or choose another --name")
 
 
-def check_not_in_use(folder):
+def check_not_in_use(folder, resuming: bool):
     """Refuse a folder another process holds (owned_folder), before anything starts."""
     try:
         lock = open(Path(folder) / LOCK_FILE)
@@ -118,12 +144,15 @@ def check_not_in_use(folder):
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise in_use(folder, lock.read().strip() or "unknown") from None
+            raise in_use(folder, lock.read().strip() or "unknown", resuming) from None
         except OSError:
-            pass  # a filesystem without locks: nothing is held there
+            pass  # a filesystem without locks: nothing is held there (owned_folder warns)
 
 
-def in_use(folder, holder) -> UserError:
+def in_use(folder, holder, resuming: bool) -> UserError:
+    if resuming:
+        return UserError(f"{folder} is still being trained by another vit-train process (pid {holder}); wait for it "
+                         f"to end, or stop it (Ctrl-C there, or kill -INT {holder}: it saves last.pt) and resume then")
     return UserError(f"{folder} is in use by another vit-train process (pid {holder}); wait for it to end, or "
                      "choose another --name")
 
@@ -184,6 +213,13 @@ def load_checkpoint(path) -> dict:
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in REQUIRED_KEYS):
         raise UserError(f"{path} is not a vit-train checkpoint (it lacks {', '.join(REQUIRED_KEYS)})")
     return checkpoint
+
+
+def check_resume_length(path, step: int, total_steps: int):
+    """A resumed run must be asked for at least the steps its checkpoint has done."""
+    if total_steps < step:
+        raise UserError(f"{path} is at step {step}, past the {total_steps} steps asked for; give --steps {step} or "
+                        "more (or --epochs) to continue it")
 
 
 def rng_state(device: torch.device) -> dict:

@@ -132,7 +132,9 @@ def train_parser():
     flag("--pretrained", "pretrained", "start from these weights: Google .npz, timm .pth/.safetensors, a "
          "vit-train checkpoint, or the name of a Google release (see --list-pretrained), downloaded into the cache on "
          "first use; selects the fine-tuning recipe", "default: none, train from scratch", metavar="PATH|NAME")
-    flag("--resume", "resume", "continue the run in RUN_DIR (its last.pt) or from a checkpoint FILE",
+    flag("--resume", "resume", "continue the run in RUN_DIR (its last.pt) or from a checkpoint FILE; exactly where "
+         "the images are held in memory (CIFAR, synthetic, image folders decoded in memory), with new random crops "
+         "where DataLoader workers read an image folder (docs/data-edges.md)",
          "default: none, start a new run", metavar="RUN_DIR|FILE")
     flag("--device", "device", "auto, cpu, cuda or cuda:N; auto picks the GPU when there is one")
     flag("--precision", "precision", "auto = bf16 autocast on GPUs that support it, else fp16 with loss scaling; "

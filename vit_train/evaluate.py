@@ -64,9 +64,9 @@ def load_pretrained_model(config, weights, class_names, device) -> tuple:
 
 def eval_loaders(config, device):
     """Loaders whose .test is the test split exactly as training evaluated it: same data config, image size and
-    batch size. (The training split is read too: build_loaders makes both.)"""
+    batch size. The training split is not read (a damaged training image does not stop an evaluation)."""
     return build_loaders(config.data, img_size=config.img_size, batch_size=1, eval_batch_size=config.eval_batch_size,
-                         device=device, seed=config.seed)
+                         device=device, seed=config.seed, with_train=False)
 
 
 def check_class_count(loaded: LoadedModel, dataset_class_names: list):

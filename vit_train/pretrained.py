@@ -36,7 +36,8 @@ def load_pretrained(model: torch.nn.Module, path, new_head: bool = True) -> list
         notes += [note] if note else []
     own = model.state_dict()
     head_shape = tuple(state_dict.get("head.weight", torch.empty(0)).shape)
-    if "head.weight" in state_dict and head_shape != tuple(own["head.weight"].shape):
+    # Only another class count is the head's own mismatch; any other shape is check_compatible's to name.
+    if "head.weight" in state_dict and head_shape[:1] != tuple(own["head.weight"].shape[:1]):
         if not new_head:
             raise UserError(f"{path} has a head of {head_shape[0]} classes and the model {model.num_classes}; "
                             "give weights fine-tuned on this dataset, or fine-tune these with vit-train --pretrained")

@@ -11,19 +11,18 @@ package: a checkpoint's saved config, the registries keys are checked against, t
 """
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import ml_collections
 
 from vit_train.budget import budget_seconds
-from vit_train.checkpoint import (check_no_other_run, check_not_in_use, checkpoint_path, folder_creation_error,
-                                  load_checkpoint)
+from vit_train.checkpoint import (check_no_other_run, check_not_in_use, check_resume_length, checkpoint_path,
+                                  folder_creation_error, load_checkpoint)
 from vit_train.config import (DEFAULT_RECIPES, PATH_KEYS, PRECISIONS, base_config, get_key, load_recipe,
                               parse_assignment, set_key, user_path)
 from vit_train.data.loaders import check_data_config, saved_data_config
-from vit_train.errors import UserError
+from vit_train.errors import UserError, warn
 from vit_train.hub import check_weights_source
 from vit_train.models.configs import block_parameters, check_config as check_model_config, get_config, patch_stride
 from vit_train.optim import MUON_PRECISIONS, OPTIMIZERS, SCHEDULES
@@ -84,7 +83,7 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
     if resume:
         if recipe is not None:
             raise UserError("--config cannot be combined with --resume: a resumed run keeps its saved config")
-        config = resumed_config(resume)
+        config, resumed_step = resumed_config(resume)
     else:
         config = load_recipe(DEFAULT_RECIPES[bool(given.get("pretrained"))] if recipe is None
                              else user_path(recipe, "--config"))
@@ -109,17 +108,18 @@ def resolve_config(overrides=None, sets=(), recipe=None) -> ml_collections.Confi
             set_key(config, key, value)
     for key, value in fixed.items():
         require(get_key(config, key) == value, f"{key} cannot change when resuming ({value!r} in {resume})")
+    if resume and config.schedule.steps is not None:  # before the run claims its folder (--epochs: once data is read)
+        check_resume_length(config.resume, resumed_step, config.schedule.steps)
     for key in PATH_KEYS:  # a recipe's paths too (a saved empty path, from before they were refused, stays)
         if get_key(config, key):
             set_key(config, key, os.path.expanduser(get_key(config, key)))
     if config.name is None:
         config.name = f"{config.model_name}_{config.data.name}_{time.strftime('%Y%m%d-%H%M%S')}"
     validate(config)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every process resolves the same config; say it once
-        for key in sorted({key for key, _ in assignments} & set(ONLY_READ_WITH)):
-            is_read, when = ONLY_READ_WITH[key]
-            if not is_read(config):
-                print(f"warning: {key} is read only with {when}; in this run it does nothing", file=sys.stderr)
+    for key in sorted({key for key, _ in assignments} & set(ONLY_READ_WITH)):
+        is_read, when = ONLY_READ_WITH[key]
+        if not is_read(config):
+            warn(f"{key} is read only with {when}; in this run it does nothing")
     return config
 
 
@@ -135,8 +135,9 @@ def check_resume_assignments(config, assignments):
                     f"run's folder. Copy the folder first to branch it off")
         require(key != "pretrained" or not value,
                 "--pretrained is not used when resuming: the weights come from the checkpoint; drop the flag")
+        planned_by = "the steps its time budget planned" if config.time_budget else "its --steps or --epochs"
         require(key != "time_budget" or not value,
-                "a resumed run keeps the steps its time budget planned; give --steps N to change its length")
+                f"a resumed run keeps its length, {planned_by}; give --steps N to change it")
 
 
 def fixed_on_resume(config) -> dict:
@@ -158,16 +159,19 @@ def pretrained_config(model_name, img_size=None) -> ml_collections.ConfigDict:
     return config
 
 
-def resumed_config(resume) -> ml_collections.ConfigDict:
-    """The config saved in a checkpoint, pointed at it; the run continues in the checkpoint's directory."""
+def resumed_config(resume) -> tuple:
+    """(the config saved in a checkpoint, pointed at it, the checkpoint's step); the run continues in the
+    checkpoint's directory."""
     path = checkpoint_path(resume)
+    check_not_in_use(path.parent, resuming=True)  # a run still going, maybe before its first last.pt
     config = base_config()  # keys added since the checkpoint was written keep their defaults (features off)
-    saved = load_checkpoint(path)["config"]
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
     config.update(saved)
     config.data = saved_data_config(saved["data"])
     config.output_dir, config.name, config.resume = str(path.parent.parent), path.parent.name, str(path)
     config.lock()
-    return config
+    return config, checkpoint["step"]
 
 
 def require(ok, message):
@@ -268,7 +272,7 @@ def check_run_dir(run_dir: Path, resuming: bool):
     """The run directory must be creatable and writable, and must not hold another run we would overwrite."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} exists and is not a directory; choose another --output-dir/--name")
-    check_not_in_use(run_dir)
+    check_not_in_use(run_dir, resuming)
     check_no_other_run(run_dir, resuming)
     if why := folder_creation_error(run_dir):
         raise UserError(f"cannot write the run directory {run_dir}: {why}")

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -23,13 +24,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from vit_train import budget
-from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint, write_atomically
+from vit_train.checkpoint import (check_resume_length, load_checkpoint, owned_folder, save_checkpoint,
+                                  write_atomically)
 from vit_train.data import build_loaders, resize_images
 from vit_train.errors import UserError
-from vit_train.evaluate import evaluate_model
-from vit_train.predict import attention_image
+from vit_train.evaluate import eval_logits, evaluate_model
 from vit_train.models.vit import VisionTransformer
 from vit_train.optim import Plan, WeightEMA, build_optimizer
+from vit_train.predict import attention_image
 from vit_train.pretrained import load_pretrained
 from vit_train.report import ESTIMATE_AFTER_STEPS, RunLog, duration_line, flatten
 from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, out_of_memory, resolve_precision,
@@ -245,16 +247,19 @@ def quiet_cpp_extension_logger():
         logger.setLevel(level)
 
 
-def build_run(config, rank, world_size, device) -> Run:
+def build_run(config, run_dir, rank, world_size, device) -> Run:
     """The data, the model (from --pretrained weights or a checkpoint), the optimizer, loss scaler and EMA, in one
-    RunState; resumed from config.resume when given. The plan is the config's, or None for a budget run to plan."""
+    RunState writing to run_dir; resumed from config.resume when given. The plan is the config's, or None for a
+    budget run to plan."""
     seed_everything(config.seed + rank)  # distinct dropout per process; DDP copies rank 0's initial weights
     precision = resolve_precision(config.precision, device)
-    name = all_ranks(config.name, world_size)[0]  # each process resolved its config, and a default name, alone
     with local_leader_first(world_size):  # one dataset download per machine
         loaders = build_loaders(config.data, img_size=config.img_size, batch_size=config.batch_size // world_size,
                                 eval_batch_size=config.eval_batch_size, device=device, seed=config.seed, rank=rank,
                                 world_size=world_size)
+    if config.resume and not loaders.resumes_exactly and rank == 0:
+        print("note: this run reads its image folder through DataLoader workers, so the resumed steps see the same "
+              "images in the same order but new random crops and flips: it does not continue bit for bit")
     try:
         model = VisionTransformer(config.model, config.img_size, loaders.num_classes).to(device)
     except (RuntimeError, MemoryError) as error:  # before any batch: no batch size would help (memory_advice)
@@ -283,15 +288,13 @@ def build_run(config, rank, world_size, device) -> Run:
     budgeted = config.time_budget and config.schedule.steps is None  # a resumed budget run keeps its plan
     plan = None if budgeted else Plan.from_config(config, len(loaders.train))
     state = RunState(model, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"), ema, plan,
-                     config, name, loaders.class_names, len(loaders.train), device, rank, world_size)
+                     config, run_dir.name, loaders.class_names, len(loaders.train), device, rank, world_size)
     if config.resume:
         state.load_state_dict(load_checkpoint(config.resume))
-        if state.plan and state.plan.total_steps < state.step:
-            raise UserError(f"{config.resume} is at step {state.step}, past the {state.plan.total_steps} steps asked "
-                            f"for; give --steps {state.step} or more (or --epochs) to continue it")
+        if state.plan:  # --epochs (--steps is checked as the config resolves)
+            check_resume_length(config.resume, state.step, state.plan.total_steps)
     attention_samples = next(loaders.test.batches(0))[0][:4]
-    return Run(state, train_model, eval_model, loaders, precision, Path(config.output_dir) / name, attention_samples,
-               saved_step=state.step)
+    return Run(state, train_model, eval_model, loaders, precision, run_dir, attention_samples, saved_step=state.step)
 
 
 def train(config, clock=time.perf_counter):
@@ -306,7 +309,11 @@ def train(config, clock=time.perf_counter):
             contextlib.ExitStack() as cleanup:
         cleanup.enter_context(memory_advice(config, device, world_size))  # the last to see an error: the outermost
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-        run = build_run(config, rank, world_size, device)
+        name = all_ranks(config.name, world_size)[0]  # each process resolved its config, and a default name, alone
+        run_dir = Path(config.output_dir) / name
+        if rank == 0:  # claimed before anything heavy: a second run of the same --name is refused at once
+            cleanup.enter_context(owned_folder(run_dir, resuming=bool(config.resume)))
+        run = build_run(config, run_dir, rank, world_size, device)
         state = run.state
         calibration = measured = None
         if state.plan is None:
@@ -315,7 +322,6 @@ def train(config, clock=time.perf_counter):
                 run.precision, started, clock)
         stops.plan = lambda: f"{stopping_at(state, config, world_size)}, then saving {run.run_dir / 'last.pt'}"
         if rank == 0:
-            cleanup.enter_context(owned_folder(run.run_dir, resuming=bool(config.resume)))
             run.write_config()
             # closed also when the run fails: TensorBoard flushed, the progress bar ended
             run.log = cleanup.enter_context(RunLog(run.run_dir, config.quiet, state.step, state.plan.total_steps,
@@ -399,21 +405,25 @@ def stopping_at(state, config, world_size):
 @contextlib.contextmanager
 def memory_advice(config, device, world_size):
     """Memory exhausted, on the GPU or the CPU, ends in one line saying what to change rather than a traceback
-    (checkpoints are written atomically, so the last one is whole)."""
+    (checkpoints are written atomically, so the last one is whole): for evaluation its batch size, for training the
+    micro-batches."""
     try:
         yield
     except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors are RuntimeErrors
         if not out_of_memory(error):
             raise
         what = f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"
+        # evaluation (and the budget's timing of it) runs its batches in eval_logits; training's sizes cannot help
+        if any(frame.f_code is eval_logits.__code__ for frame, _ in traceback.walk_tb(error.__traceback__)):
+            raise UserError(f"out of {what} while evaluating, at evaluation batches of {config.eval_batch_size}; "
+                            "give a smaller --set eval_batch_size=N. Checkpoints are as last saved") from None
         micro = config.batch_size // world_size // config.grad_accum
         more = next((k for k in range(config.grad_accum + 1, config.batch_size // world_size + 1)
                      if config.batch_size % (k * world_size) == 0), None)  # micro-batches the batch splits into
         change = (f"give --grad-accum {more} for the same step in less memory, or a smaller --batch-size" if more
                   else "give a smaller --batch-size")
-        raise UserError(f"out of {what} at batch size {config.batch_size} ({config.grad_accum} micro-batches of "
-                        f"{micro} per process and step, evaluation batches of {config.eval_batch_size}); {change} "
-                        "(or --set eval_batch_size=N when it ran out evaluating). Checkpoints are as last saved"
+        raise UserError(f"out of {what} while training at batch size {config.batch_size} ({config.grad_accum} "
+                        f"micro-batches of {micro} per process and step); {change}. Checkpoints are as last saved"
                         ) from None
 
 

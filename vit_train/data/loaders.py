@@ -150,12 +150,13 @@ class EvalLoader:
 
 @dataclass
 class Loaders:
-    """What build_loaders returns: this rank's loaders and the dataset's classes."""
-    train: TrainLoader
+    """What build_loaders returns: this rank's loaders (train None when not asked for) and the dataset's classes."""
+    train: Optional[TrainLoader]
     test: EvalLoader
     num_classes: int
     class_names: list[str]
     note: str = ""  # how the images were read, where that is worth saying (image folders)
+    resumes_exactly: bool = True  # False for DataLoader workers: their random crops are drawn anew (TrainLoader)
 
 
 # Keys added after configs were first saved whose default is not what a config saved without them did: such a
@@ -195,22 +196,28 @@ def load_in_memory(data_cfg) -> tuple[ImageArrays, ImageArrays, list[str]]:
 
 
 def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: int, device: torch.device,
-                  seed: int, rank: int = 0, world_size: int = 1) -> Loaders:
-    """Train and test loaders for this rank; batch_size is the per-rank step batch (global / world_size)."""
+                  seed: int, rank: int = 0, world_size: int = 1, with_train: bool = True) -> Loaders:
+    """Train and test loaders for this rank; batch_size is the per-rank step batch (global / world_size). Without
+    `with_train` (evaluation) only the test split is read, and Loaders.train is None."""
     check_data_config(data_cfg)
     if min(img_size, batch_size, eval_batch_size) < 1 or seed < 0 or not 0 <= rank < world_size:
         raise UserError(f"need img_size, batch sizes >= 1, seed >= 0 and 0 <= rank < world_size; got {img_size}, "
                         f"{batch_size}, {eval_batch_size}, {seed}, {rank}, {world_size}")
     device = torch.device(device)
     if data_cfg.name == "imagefolder":
-        train, test, class_names, note = folder_data(data_cfg, img_size, device)
+        train, test, class_names, note = folder_data(data_cfg, img_size, device, with_train)
     else:
         train, test, class_names, note = (*load_in_memory(data_cfg), "")
-    if isinstance(train, ImageArrays):  # held on the device, augmented there a batch at a time
-        train_source, test_source = TensorSource(train, device), TensorSource(test, device)
+    on_device = isinstance(test, ImageArrays)  # held on the device, augmented there a batch at a time
+    test_loader = EvalLoader(TensorSource(test, device) if on_device else test, data_cfg, img_size=img_size,
+                             batch_size=eval_batch_size, rank=rank, world_size=world_size)
+    if not with_train:
+        return Loaders(None, test_loader, len(class_names), class_names, note)
+    if on_device:
+        train_source = TensorSource(train, device)
         augmentation = DeviceAugmentation(data_cfg, image_size=train.images.shape[-1])
     else:  # decoded and augmented per image by the workers
-        train_source, test_source, augmentation = train, test, None
+        train_source, augmentation = train, None
     mixing = None
     if data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0:
         mixing = LabelMixing(data_cfg.mixup_alpha, data_cfg.cutmix_alpha, len(class_names))
@@ -218,9 +225,8 @@ def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: 
     loaders = Loaders(
         train=TrainLoader(train_source, data_cfg, img_size=img_size, batch_size=batch_size, seed=seed, rank=rank,
                           world_size=world_size, augmentation=augmentation, mixing=mixing, erasing=erasing),
-        test=EvalLoader(test_source, data_cfg, img_size=img_size, batch_size=eval_batch_size, rank=rank,
-                        world_size=world_size),
-        num_classes=len(class_names), class_names=class_names, note=note)
+        test=test_loader,
+        num_classes=len(class_names), class_names=class_names, note=note, resumes_exactly=on_device)
     if len(loaders.train) == 0:
         raise UserError(f"a global batch of {batch_size * world_size} (batch size {batch_size} x {world_size} "
                         f"ranks) is larger than the {len(train_source)} training images; lower the batch size")
