@@ -350,7 +350,7 @@ def train(config, clock=time.perf_counter):
                     run.log.print(f"compiled: the first step took {estimate_from - loop_started:.1f} s")
             if state.step == first_step + 1 + ESTIMATE_AFTER_STEPS and not calibration:
                 announce_duration(run, window[-1], (clock() - estimate_from) / ESTIMATE_AFTER_STEPS)
-            if state.step == replan_at:
+            if state.step == replan_at < state.plan.total_steps:  # at the last step there is nothing to re-plan
                 float(window[-1])  # wait for the device: the steps so far are done
                 trained = clock() - loop_started - paused
                 replan(run, calibration, seconds_left=calibration.budget - (clock() - started),
