@@ -19,7 +19,7 @@ from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
 from vit_train.models.vit import create_model
 from vit_train.runtime import resolve_precision, slow_precision_warning
-from vit_train.optim import param_groups, warmup_cosine, warmup_linear
+from vit_train.optim import Plan, param_groups, warmup_cosine
 from vit_train.train import StopSignals, train
 
 # The testing model keeps its dropout of 0.1, so exact resumption also covers the dropout generator.
@@ -74,7 +74,8 @@ def test_schedules_warm_up_then_decay_to_zero():
     assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert warmup_cosine(4, 4, 20) == 1.0 and warmup_cosine(12, 4, 20) == pytest.approx(0.5)
     assert warmup_cosine(20, 4, 20) == pytest.approx(0.0)
-    assert warmup_linear(4, 4, 20) == 1.0 and warmup_linear(12, 4, 20) == 0.5 and warmup_linear(20, 4, 20) == 0.0
+    linear = Plan("warmup_linear", total_steps=20, warmup_steps=4, img_size=32).lr_factor
+    assert linear(4) == 1.0 and linear(12) == 0.5 and linear(20) == 0.0
     assert warmup_cosine(0, 0, 10) == 1.0
 
 

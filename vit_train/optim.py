@@ -31,11 +31,6 @@ def warmup_cosine(step, warmup_steps, total_steps):
     return Plan("warmup_cosine", total_steps, warmup_steps, img_size=0).lr_factor(step)
 
 
-def warmup_linear(step, warmup_steps, total_steps):
-    """As warmup_cosine, with a straight line down to 0."""
-    return Plan("warmup_linear", total_steps, warmup_steps, img_size=0).lr_factor(step)
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A run's schedule in absolute optimizer steps: its length, its warm-up, and how many of its first steps
