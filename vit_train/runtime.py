@@ -63,13 +63,19 @@ def resolve_precision(precision, device):
 FAST_CPU_INSTRUCTIONS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
-def cpu_flags():
-    """The processor's feature flags (the 'flags' line of /proc/cpuinfo, x86 Linux), or None where there is none."""
+def cpuinfo(field):
+    """The value of the first `field` line of /proc/cpuinfo (Linux), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.partition(":")[2].split()) for line in f if line.startswith("flags")), None)
+            return next((line.partition(":")[2].strip() for line in f if line.startswith(field)), None)
     except OSError:
         return None
+
+
+def cpu_flags():
+    """The processor's feature flags (x86 Linux), or None where there are none."""
+    flags = cpuinfo("flags")
+    return None if flags is None else set(flags.split())
 
 
 def native_on_cpu(precision, flags=None) -> bool:
@@ -108,10 +114,7 @@ def describe_device(device) -> str:
     name>': the kernels' instruction set, whether bf16 is native, the threads, and the processor."""
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
-    model = None
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), None)
+    model = cpuinfo("model name")
     native = ", ".join(p for p in FAST_CPU_INSTRUCTIONS if native_on_cpu(p))
     return (f"cpu {torch.backends.cpu.get_cpu_capability()}{f' ({native})' if native else ''}, "
             f"{torch.get_num_threads()} threads{f', {model}' if model else ''}")

@@ -163,8 +163,9 @@ def cached_images(path: Path, shape: tuple) -> Optional[np.ndarray]:
 
 
 def decoded_split(dataset: torchvision.datasets.ImageFolder, img_size: int) -> tuple[ImageArrays, str]:
-    """(images, what was done, e.g. "train: 800 images decoded and cached"): the split's images decoded at img_size x img_size (the shorter side resized to
-    img_size, the centre cropped), from the cache when it holds this split as it is now."""
+    """(images, what was done, e.g. "train: 800 images decoded and cached"): the split's images decoded at
+    img_size x img_size (the shorter side resized to img_size, the centre cropped), from the cache when it holds
+    this split as it is now."""
     path = cache_file(dataset, img_size)
     labels = torch.tensor(dataset.targets, dtype=torch.int64)
     shape = (len(dataset), 3, img_size, img_size)
