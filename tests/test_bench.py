@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vit_train.bench import model_step, pipeline_overhead, time_to_accuracy
+from vit_train.runtime import describe_device
 
 BENCHES = {"model_step": model_step, "pipeline_overhead": pipeline_overhead, "time_to_accuracy": time_to_accuracy}
 NUMBER = r"[\d,]+\.?\d*"
@@ -47,6 +49,7 @@ def test_model_step_times_ours_timms_and_hfs_step(capsys):
     assert model_step.main(["--model", "testing", "--override", "num_layers=1", "--batch-size", "4", "--repeats",
                             "1", "--steps", "1", "--warmup", "1", "--device", "cpu", "--markdown"]) == 0
     out = capsys.readouterr().out
+    assert f"device {describe_device(torch.device('cpu'))}, torch " in out, out  # every figure names its processor
     for impl in ("ours", "timm", "hf"):
         assert re.search(rf"^  {impl} +{NUMBER} img/s", out, re.MULTILINE), out
     assert re.search(rf"ours / best peer \((timm|hf)\): {NUMBER}x", out), out
@@ -58,6 +61,7 @@ def test_pipeline_overhead_compares_a_real_run_with_its_bare_step(capsys):
     assert pipeline_overhead.main(["--dataset", "synthetic", "--model", "testing", "--batch-size", "16",
                                    "--steps", "3", "--rounds", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
+    assert f"device {describe_device(torch.device('cpu'))}\n" in out, out
     assert re.search(rf"^round 0: end to end {NUMBER} img/s, bare step {NUMBER} img/s$", out, re.MULTILINE), out
     assert re.search(rf"^median: end to end {NUMBER} img/s, bare step {NUMBER} img/s, pipeline overhead "
                      rf"-?{NUMBER}%$", out, re.MULTILINE), out
@@ -71,9 +75,11 @@ def test_time_to_accuracy_runs_ours_and_the_peer_in_one_budget(tmp_path, fake_ci
         "--peer-set", "embed_dim=32", "--peer-set", "depth=1", "--peer-set", "num_heads=2",
         "--peer-set", "batch_size=32", "--peer-set", "workers=0"]) == 0
     out = capfd.readouterr().out
-    assert "| run (12s, " in out and "| steps | test accuracy | wall time | train images/s |" in out, out
+    assert "| run (12s) | processor | steps | test accuracy | wall time | train images/s |" in out, out
+    processor = re.escape(describe_device(torch.device("cpu")))
     for run in (r"vit-train --config cifar10_cpu", r"timm ViT \+ torchvision CIFAR10 \+ DataLoader"):
-        assert re.search(rf"^\| {run}.* \| \d+ \| {NUMBER}% \| {NUMBER} min \| \d+ \|$", out, re.MULTILINE), out
+        assert re.search(rf"^\| {run}.* \| {processor} \| \d+ \| {NUMBER}% \| {NUMBER} min \| \d+ \|$", out,
+                         re.MULTILINE), out
 
 
 def test_a_failed_run_in_the_comparison_is_one_line_after_its_own(tmp_path, capfd):

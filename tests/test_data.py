@@ -401,8 +401,12 @@ def test_a_folder_that_fits_is_decoded_once_cached_and_decoded_anew_when_it_chan
                 pixels[split, cls, i] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels[split, cls, i]).save(root / split / cls / f"{i}.png")
     cfg = config(name="imagefolder", data_dir=str(root), crop_padding=0, hflip=False)
+    old_format = tmp_path / "cache" / "folders" / f"{'0' * 32}.npz"  # what the release before .npy left behind
+    old_format.parent.mkdir(parents=True)
+    np.savez(old_format, images=np.zeros((1, 3, 32, 32), np.uint8))
     first = loaders(cfg, batch_size=4, eval_batch_size=8)
     assert first.note.startswith("train: 16 images decoded and cached; val: 8 images decoded and cached (")
+    assert not old_format.exists()
     # at the image's own size the pixels are the files' exactly: the same data CIFAR's arrays would be
     stored = first.test.source.images
     assert torch.equal(stored[0], torch.from_numpy(pixels["val", "cat", 0]).permute(2, 0, 1))

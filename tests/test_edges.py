@@ -1,6 +1,7 @@
 """What a new user trips on, beyond the bad-input table: lengths at the edges, budgets at any evaluation frequency
 and too short for the model, one process per run folder, a full disk under TensorBoard, and the EMA's bookkeeping."""
 import errno
+import fcntl
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import vit_train.checkpoint
 import vit_train.models
 import vit_train.train
 from vit_train.budget import Calibration, budget_steps
-from vit_train.checkpoint import load_checkpoint, owned_folder, save_checkpoint
+from vit_train.checkpoint import LOCK_FILE, load_checkpoint, owned_folder, save_checkpoint
 from vit_train.cli import eval_main, export_main, train_main
 from vit_train.resolve import resolve_config
 from vit_train.errors import UserError
@@ -285,6 +286,20 @@ def test_resuming_a_run_still_going_names_its_process_with_or_without_a_checkpoi
         assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name != ".lock"} == before
 
 
+def test_a_lock_whose_holder_has_not_written_its_pid_is_refused_without_naming_one(tmp_path, capsys):
+    assert train_main([*TINY_SETS, "--steps", "1", "--output-dir", str(tmp_path), "--name", "run"]) == 0
+    with open(tmp_path / "run" / LOCK_FILE, "w") as lock:  # emptied and held, as by a process just starting
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        capsys.readouterr()
+        assert train_main(["--resume", str(tmp_path / "run"), "--steps", "2"]) == 2
+        assert train_main([*TINY_SETS, "--steps", "1", "--output-dir", str(tmp_path), "--name", "run"]) == 2
+    refused = capsys.readouterr().err.splitlines()
+    assert refused == [f"error: {tmp_path / 'run'} is still being trained by another vit-train process; wait for it "
+                       "to end, or stop it (Ctrl-C there: it saves last.pt) and resume then",
+                       f"error: {tmp_path / 'run'} is in use by another vit-train process; wait for it to end, or "
+                       "choose another --name"]
+
+
 @pytest.mark.parametrize("phase", ["evaluating", "training"])
 def test_out_of_memory_names_the_phase_and_the_setting_that_helps(phase, tmp_path, monkeypatch, capsys):
     real_forward = VisionTransformer.forward
@@ -305,6 +320,23 @@ def test_out_of_memory_names_the_phase_and_the_setting_that_helps(phase, tmp_pat
     else:
         assert err.startswith("error: out of memory on the CPU while training at batch size 32 (1 micro-batches of 32 "
                               "per process and step); give --grad-accum 2 "), err
+
+
+def test_vit_eval_out_of_memory_is_one_line_naming_its_batch_flag(tmp_path, monkeypatch, capsys):
+    assert train_main([*TINY_SETS, "--steps", "1", "--output-dir", str(tmp_path), "--name", "run"]) == 0
+    real_forward = VisionTransformer.forward
+
+    def exhausted(self, images, *args, **kwargs):
+        if len(images) > 16:  # as an allocator that fits 16 images and no more
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory")
+        return real_forward(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTransformer, "forward", exhausted)
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(tmp_path / "run"), "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: out of memory on the CPU while evaluating, at batches of 64; give a smaller --batch-size\n"
+    assert eval_main(["--checkpoint", str(tmp_path / "run"), "--batch-size", "16"]) == 0  # the advice works
 
 
 def test_an_image_folder_evaluates_without_its_training_split_and_says_where_resume_is_not_exact(tmp_path, capsys):

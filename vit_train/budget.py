@@ -121,10 +121,9 @@ class Calibration:
         expected to run as much slower (or faster) than calibrated as those did, evaluations and saves too, and
         the length is re-fitted to what remains, less a reserve of 6% of it.
 
-        The calibration times a few seconds of steps, and a shared machine's speed wanders by more than that
-        shows (on the 2-core CPU the recipes were measured on, 100-step windows ran between 0.8x and 1.2x their
-        mean, and the calibration missed the run's mean by up to 25%), and it drifts over a run (a quiet machine
-        ran a 30-minute budget 6% over with a single re-plan): the run re-plans from its recent steps."""
+        The calibration times a few seconds of steps, a shared machine's speed wanders by more than that shows,
+        and it drifts over a run (docs/training.md has what was measured): the run re-plans from its recent
+        steps."""
         slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
 
         def cost(more):  # the steps as the lengthened plan has them (a longer run adds full-resolution steps)

@@ -97,7 +97,7 @@ def owned_folder(folder, resuming: bool):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # another process holds it
         lock.seek(0)
-        holder = lock.read().strip() or "unknown"
+        holder = lock.read().strip()
         lock.close()
         raise in_use(folder, holder, resuming) from None
     except OSError as error:  # a filesystem without locks (some network mounts): nothing can be held
@@ -144,17 +144,21 @@ def check_not_in_use(folder, resuming: bool):
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise in_use(folder, lock.read().strip() or "unknown", resuming) from None
+            raise in_use(folder, lock.read().strip(), resuming) from None
         except OSError:
             pass  # a filesystem without locks: nothing is held there (owned_folder warns)
 
 
-def in_use(folder, holder, resuming: bool) -> UserError:
+def in_use(folder, holder: str, resuming: bool) -> UserError:
+    """The refusal of a folder whose lock another process holds; `holder` is what it wrote there, its pid, or ''
+    where the holder is too new to have written it or the file is unreadable."""
+    known = holder.isdigit()
+    process = f"another vit-train process (pid {holder})" if known else "another vit-train process"
     if resuming:
-        return UserError(f"{folder} is still being trained by another vit-train process (pid {holder}); wait for it "
-                         f"to end, or stop it (Ctrl-C there, or kill -INT {holder}: it saves last.pt) and resume then")
-    return UserError(f"{folder} is in use by another vit-train process (pid {holder}); wait for it to end, or "
-                     "choose another --name")
+        stop = f"Ctrl-C there, or kill -INT {holder}" if known else "Ctrl-C there"
+        return UserError(f"{folder} is still being trained by {process}; wait for it to end, or stop it ({stop}: "
+                         "it saves last.pt) and resume then")
+    return UserError(f"{folder} is in use by {process}; wait for it to end, or choose another --name")
 
 
 def folder_write_error(folder) -> Optional[str]:

@@ -58,8 +58,7 @@ def resolve_precision(precision, device):
 
 
 # The x86 instructions that make bf16 / fp16 autocast fast on a CPU. Without them oneDNN emulates the
-# reduced-precision kernels: ViT training steps ran 9-20x slower than in fp32 (measured: fp16 on an AVX-512 CPU
-# without avx512_fp16 8.6x for a 0.8M-parameter ViT, bf16 and fp16 17-20x in issue 10's runs).
+# reduced-precision kernels, many times slower than fp32 (docs/training.md, "Precision and --compile").
 FAST_CPU_INSTRUCTIONS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
@@ -188,3 +187,8 @@ def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation that failed: on a GPU, in torch's CPU allocator, or in Python's."""
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
+
+
+def memory_of(device) -> str:
+    """The memory an out-of-memory message on `device` names."""
+    return f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"

@@ -34,8 +34,8 @@ from vit_train.optim import Plan, WeightEMA, build_optimizer
 from vit_train.predict import attention_image
 from vit_train.pretrained import load_pretrained
 from vit_train.report import ESTIMATE_AFTER_STEPS, RunLog, duration_line, flatten
-from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, out_of_memory, resolve_precision,
-                               seed_everything)
+from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, memory_of, out_of_memory,
+                               resolve_precision, seed_everything)
 from vit_train.state import RunState
 
 
@@ -412,7 +412,7 @@ def memory_advice(config, device, world_size):
     except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors are RuntimeErrors
         if not out_of_memory(error):
             raise
-        what = f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"
+        what = memory_of(device)
         # evaluation (and the budget's timing of it) runs its batches in eval_logits; training's sizes cannot help
         if any(frame.f_code is eval_logits.__code__ for frame, _ in traceback.walk_tb(error.__traceback__)):
             raise UserError(f"out of {what} while evaluating, at evaluation batches of {config.eval_batch_size}; "

@@ -20,6 +20,7 @@ from vit_train.budget import budget_seconds
 from vit_train.data.normalize import DATASET_STATS
 from vit_train.errors import UserError
 from vit_train.optim import warmup_cosine
+from vit_train.runtime import describe_device
 
 
 def run(command: list, who: str):
@@ -135,8 +136,9 @@ def compare(budget, data_dir, sets: list, peer_sets: list) -> dict:
 
 def markdown_table(budget, rows: dict) -> str:
     """The figures docs/results.md quotes, one row a run."""
-    lines = [f"\n| run ({budget}, {torch.get_num_threads()} threads) | steps | test accuracy | wall time | "
-             "train images/s |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {row['steps']} | {row['accuracy']:.2%} | {row['seconds'] / 60:.1f} min | "
+    processor = describe_device(torch.device("cpu"))  # both ran here, each on torch's default threads
+    lines = [f"\n| run ({budget}) | processor | steps | test accuracy | wall time | train images/s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {processor} | {row['steps']} | {row['accuracy']:.2%} | {row['seconds'] / 60:.1f} min | "
               f"{row['images_per_sec']:.0f} |" for name, row in rows.items()]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 
 from vit_train.resolve import resolve_config
 from vit_train.models.vit import VisionTransformer
-from vit_train.runtime import resolve_device
+from vit_train.runtime import describe_device, resolve_device
 from vit_train.optim import build_optimizer
 from vit_train.train import train, train_step
 
@@ -60,6 +60,7 @@ def run(args):
                 "schedule.steps": args.steps, "schedule.warmup_steps": min(10, args.steps - 1), "log_every": window,
                 "device": args.device}
     rates = {"end to end": [], "bare step": []}
+    print(f"device {describe_device(resolve_device(args.device))}")
     with tempfile.TemporaryDirectory() as output_dir:
         for i in range(args.rounds):
             rates["end to end"].append(end_to_end(settings, output_dir, f"round{i}"))

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_train.bench.peers import hf_logits, hf_vit, timm_vit
 from vit_train.models.vit import VisionTransformer
+from vit_train.runtime import describe_device
 
 
 # Dense bf16 tensor-core peaks in FLOP/s, by words of torch.cuda.get_device_name(): the first entry whose words all
@@ -199,10 +200,8 @@ def run(cases: list, args, device: torch.device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         peak = dense_bf16_peak(device)
-        print(f"device {device} ({torch.cuda.get_device_name(device)}), torch {torch.__version__}, "
-              f"CUDA {torch.version.cuda}")
-    else:
-        print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    cuda = f", CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    print(f"device {describe_device(device)}, torch {torch.__version__}{cuda}")
     if args.run:
         print(loop_mfu(args.run, device, peak or (gemm_flops_per_second(device, args.gemm_dtype),
                                                   "the GEMM rate measured here")))

@@ -183,6 +183,8 @@ def decoded_split(dataset: torchvision.datasets.ImageFolder, img_size: int) -> t
         for old in path.parent.glob(f"{path.name.rsplit('-', 1)[0]}-*.npy"):  # this folder at this size, as it was
             if old != path:
                 old.unlink(missing_ok=True)
+        for old in path.parent.glob("*.npz"):  # the format before .npy, never read again
+            old.unlink(missing_ok=True)
         done = "decoded and cached"
     except (OSError, UserError) as error:  # an unwritable cache costs the next run a decode, nothing more
         done = f"decoded, not cached ({error})"
