@@ -259,6 +259,31 @@ def test_a_run_claims_its_folder_before_reading_any_data(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []  # neither folder, nor the runs/ made for them, is left
 
 
+def test_a_folder_let_go_while_another_run_claims_it_is_claimed_anew(tmp_path, monkeypatch):
+    """A run that made its folder and wrote nothing removes it as it ends. When that happens between a second
+    run's open of the lock file and its lock, the second holds a file no longer in any folder: it must notice and
+    claim the folder again, so that it has a folder to write in and a third run is refused."""
+    folder = tmp_path / "runs" / "r"
+    first = owned_folder(folder, resuming=False)
+    first.__enter__()
+    real_flock, first_holds = fcntl.flock, [True]
+
+    def first_lets_go_now(file, operation):  # in the second run's window between open and flock
+        if first_holds:
+            first_holds.clear()
+            first.__exit__(None, None, None)
+        return real_flock(file, operation)
+
+    monkeypatch.setattr(vit_train.checkpoint.fcntl, "flock", first_lets_go_now)
+    with owned_folder(folder, resuming=False):
+        monkeypatch.undo()
+        assert first_holds == [] and (folder / LOCK_FILE).is_file()
+        with pytest.raises(UserError, match="in use by another vit-train process"):
+            with owned_folder(folder, resuming=False):
+                pass
+    assert list(tmp_path.iterdir()) == []  # the second made the folder again, wrote nothing, and removed it
+
+
 def test_a_filesystem_without_locks_is_named_in_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     def no_locks(file, operation):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -166,7 +166,7 @@ def test_memory_exhausted_on_the_cpu_is_one_line_and_keeps_the_last_checkpoint(t
                            "--set", "model.representation_size=100000000"], capture_output=True, text=True,
                           preexec_fn=limit_memory, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert huge.returncode == 2 and huge.stderr.count("\n") == 1, huge.stderr
-    assert huge.stderr.startswith("error: out of memory on cpu building the model itself (testing with hidden size "
+    assert huge.stderr.startswith("error: out of memory on the CPU building the model itself (testing with hidden size "
                                   "32"), huge.stderr
     assert not (tmp_path / "huge").exists()
 

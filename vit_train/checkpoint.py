@@ -90,19 +90,26 @@ def owned_folder(folder, resuming: bool):
     folder before any heavy work, so the folder (and any parent made for it) is removed again when the block ends
     with nothing written there: a run refused while it builds leaves no empty folder behind."""
     folder = Path(folder)
-    made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.absolute().parents)))
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # another process holds it
-        lock.seek(0)
-        holder = lock.read().strip()
+    while True:
+        made = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.absolute().parents)))
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process holds it
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise in_use(folder, holder, resuming) from None
+        except OSError as error:  # a filesystem without locks (some network mounts): nothing can be held
+            warn(f"cannot lock {folder} ({error.strerror or error}): its filesystem has no flock, so nothing stops "
+                 "another vit-train process from writing into this run folder too; the run goes on")
+            break
+        if holds_the_lock_file(lock, folder):
+            break
+        # The run that held it let the folder go (below) between our open and our lock, and removed the file we
+        # locked: a lock on it holds nothing, so claim the folder again.
         lock.close()
-        raise in_use(folder, holder, resuming) from None
-    except OSError as error:  # a filesystem without locks (some network mounts): nothing can be held
-        warn(f"cannot lock {folder} ({error.strerror or error}): its filesystem has no flock, so nothing stops "
-             "another vit-train process from writing into this run folder too; the run goes on")
     try:
         check_no_other_run(folder, resuming)  # again: a run may have ended there while this one was starting
         lock.truncate(0)
@@ -116,6 +123,14 @@ def owned_folder(folder, resuming: bool):
                 with contextlib.suppress(OSError):
                     directory.rmdir()
         lock.close()
+
+
+def holds_the_lock_file(lock, folder) -> bool:
+    """Whether the open file `lock` is still the folder's lock file, not one unlinked since it was opened."""
+    try:
+        return os.path.samestat(os.fstat(lock.fileno()), os.stat(Path(folder) / LOCK_FILE))
+    except FileNotFoundError:
+        return False
 
 
 def check_no_other_run(folder, resuming: bool):

@@ -276,7 +276,7 @@ def eval_main(argv=None):
     from vit_train import evaluate
     from vit_train.checkpoint import check_writable
     from vit_train.resolve import pretrained_config
-    from vit_train.runtime import memory_of, out_of_memory, resolve_device, resolve_precision, slow_precision_warning
+    from vit_train.runtime import out_of_memory_says, resolve_device, resolve_precision, slow_precision_warning
     if args.pretrained:
         check_weights_source(args.pretrained, args.model)
     for report_file in filter(None, (args.json, args.plot)):  # fail now, not after a long evaluation
@@ -299,14 +299,10 @@ def eval_main(argv=None):
             print(f"note: {note}")
     if warning := slow_precision_warning(resolve_precision(loaded.config.precision, device), device):
         print(f"warning: {warning}", file=sys.stderr)
-    try:
+    with out_of_memory_says(device, lambda memory, _: f"out of {memory} while evaluating, at batches of "
+                            f"{loaded.config.eval_batch_size}; give a smaller --batch-size"):
         report = evaluate.evaluate(loaded.model, loaders.test, loaders.class_names, device, loaded.config.precision,
                                    args.flip_average)
-    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors are RuntimeErrors
-        if not out_of_memory(error):
-            raise
-        raise UserError(f"out of {memory_of(device)} while evaluating, at batches of {loaded.config.eval_batch_size}; "
-                        "give a smaller --batch-size") from None
     print(evaluate.format_report(report))
     if args.json:
         evaluate.write_json(report, args.json)

@@ -189,6 +189,14 @@ def out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
 
 
-def memory_of(device) -> str:
-    """The memory an out-of-memory message on `device` names."""
-    return f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"
+@contextlib.contextmanager
+def out_of_memory_says(device, message):
+    """Memory exhausted, on the GPU or the CPU, ends in one line saying what to change rather than a traceback:
+    `message(memory, error)` writes it, `memory` naming what ran out ("memory on the CPU")."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors are RuntimeErrors
+        if not out_of_memory(error):
+            raise
+        memory = f"GPU memory on {device}" if device.type == "cuda" else "memory on the CPU"
+        raise UserError(message(memory, error)) from None

@@ -34,7 +34,7 @@ from vit_train.optim import Plan, WeightEMA, build_optimizer
 from vit_train.predict import attention_image
 from vit_train.pretrained import load_pretrained
 from vit_train.report import ESTIMATE_AFTER_STEPS, RunLog, duration_line, flatten
-from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, memory_of, out_of_memory,
+from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, out_of_memory_says,
                                resolve_precision, seed_everything)
 from vit_train.state import RunState
 
@@ -260,15 +260,12 @@ def build_run(config, run_dir, rank, world_size, device) -> Run:
     if config.resume and not loaders.resumes_exactly and rank == 0:
         print("note: this run reads its image folder through DataLoader workers, so the resumed steps see the same "
               "images in the same order but new random crops and flips: it does not continue bit for bit")
-    try:
+    sizes = config.model  # out of memory before any batch: no batch size would help (training_memory_advice)
+    with out_of_memory_says(device, lambda memory, _: (
+            f"out of {memory} building the model itself ({config.model_name} with hidden size {sizes.hidden_size}, "
+            f"{sizes.transformer.num_layers} layers, MLP {sizes.transformer.mlp_dim}); choose a smaller --model or "
+            "model.* sizes")):
         model = VisionTransformer(config.model, config.img_size, loaders.num_classes).to(device)
-    except (RuntimeError, MemoryError) as error:  # before any batch: no batch size would help (memory_advice)
-        if not out_of_memory(error):
-            raise
-        model_cfg = config.model
-        raise UserError(f"out of memory on {device} building the model itself ({config.model_name} with hidden size "
-                        f"{model_cfg.hidden_size}, {model_cfg.transformer.num_layers} layers, MLP "
-                        f"{model_cfg.transformer.mlp_dim}); choose a smaller --model or model.* sizes") from None
     if config.pretrained and not config.resume:
         notes = load_pretrained(model, config.pretrained)
         if rank == 0:
@@ -307,7 +304,8 @@ def train(config, clock=time.perf_counter):
     started = clock()
     with distributed(config.device) as (rank, world_size, device), StopSignals(announce=rank == 0) as stops, \
             contextlib.ExitStack() as cleanup:
-        cleanup.enter_context(memory_advice(config, device, world_size))  # the last to see an error: the outermost
+        # the last to see an error: the outermost
+        cleanup.enter_context(out_of_memory_says(device, training_memory_advice(config, world_size)))
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
         name = all_ranks(config.name, world_size)[0]  # each process resolved its config, and a default name, alone
         run_dir = Path(config.output_dir) / name
@@ -402,29 +400,22 @@ def stopping_at(state, config, world_size):
     return f"finishing the steps to step {agreed} at the latest"
 
 
-@contextlib.contextmanager
-def memory_advice(config, device, world_size):
-    """Memory exhausted, on the GPU or the CPU, ends in one line saying what to change rather than a traceback
-    (checkpoints are written atomically, so the last one is whole): for evaluation its batch size, for training the
-    micro-batches."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory errors are RuntimeErrors
-        if not out_of_memory(error):
-            raise
-        what = memory_of(device)
+def training_memory_advice(config, world_size):
+    """What to change when memory runs out in a training run (checkpoints are written atomically, so the last one
+    is whole): for evaluation its batch size, for training the micro-batches. For out_of_memory_says."""
+    def message(memory, error):
         # evaluation (and the budget's timing of it) runs its batches in eval_logits; training's sizes cannot help
         if any(frame.f_code is eval_logits.__code__ for frame, _ in traceback.walk_tb(error.__traceback__)):
-            raise UserError(f"out of {what} while evaluating, at evaluation batches of {config.eval_batch_size}; "
-                            "give a smaller --set eval_batch_size=N. Checkpoints are as last saved") from None
+            return (f"out of {memory} while evaluating, at evaluation batches of {config.eval_batch_size}; "
+                    "give a smaller --set eval_batch_size=N. Checkpoints are as last saved")
         micro = config.batch_size // world_size // config.grad_accum
         more = next((k for k in range(config.grad_accum + 1, config.batch_size // world_size + 1)
                      if config.batch_size % (k * world_size) == 0), None)  # micro-batches the batch splits into
         change = (f"give --grad-accum {more} for the same step in less memory, or a smaller --batch-size" if more
                   else "give a smaller --batch-size")
-        raise UserError(f"out of {what} while training at batch size {config.batch_size} ({config.grad_accum} "
-                        f"micro-batches of {micro} per process and step); {change}. Checkpoints are as last saved"
-                        ) from None
+        return (f"out of {memory} while training at batch size {config.batch_size} ({config.grad_accum} "
+                f"micro-batches of {micro} per process and step); {change}. Checkpoints are as last saved")
+    return message
 
 
 def announce_duration(run, last_loss, seconds_per_step):
