@@ -55,7 +55,16 @@ def test_flags_then_sets_override_the_recipe(tmp_path):
     assert config.schedule.epochs == 3 and config.schedule.steps is None  # epochs replaced the given steps
 
 
+@pytest.mark.parametrize("word, value", [("true", True), ("False", False), ("yes", True), ("off", False),
+                                         ("1", True), ("0", False), ("True", True)])
+def test_a_boolean_is_set_as_a_shell_user_writes_it(word, value, tmp_path):
+    config = resolve_config({**TINY, "output_dir": str(tmp_path)}, sets=[f"data.hflip={word}",
+                                                                         f"data.download={word}"])
+    assert config.data.hflip is value and config.data.download is value
+
+
 @pytest.mark.parametrize("assignment, message", [
+    ("data.hflip=maybe", "data.hflip takes True or False"),
     ("optim.weight_decy=0.1", "unknown config key 'optim.weight_decy'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
     ("optim.lr=fast", "optim.lr takes a number"),

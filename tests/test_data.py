@@ -295,6 +295,39 @@ def test_same_seed_same_batches_and_resume_from_any_batch():
     assert not torch.equal(next(loaders(cfg).train.batches(2))[0], first[0][0])
 
 
+def flipped_per_epoch(cfg, epochs=4):
+    """For each epoch, {image index: whether the loader showed it mirrored}, found by comparing each image with
+    the same loader's output without flips."""
+    seen = []
+    for e in range(epochs):
+        plain = torch.cat([x for x, _ in epoch(loaders(config(**{**cfg, "hflip": False,
+                                                                   "alternate_flips": False})).train, e)])
+        shown = torch.cat([x for x, _ in epoch(loaders(cfg).train, e)])
+        indices = np.concatenate(loaders(cfg).train.batch_indices(e))
+        mirrored = [torch.equal(s, p.flip(-1)) and not torch.equal(s, p) for s, p in zip(shown, plain)]
+        assert all(m or torch.equal(s, p) for m, s, p in zip(mirrored, shown, plain))
+        seen.append(dict(zip(indices.tolist(), mirrored)))
+    return seen
+
+
+def test_alternating_flips_show_each_image_the_other_way_each_epoch_and_resume_exactly():
+    cfg = synthetic(crop_padding=0, alternate_flips=True)
+    seen = flipped_per_epoch(cfg)
+    images = set(seen[0]) & set(seen[1]) & set(seen[2]) & set(seen[3])
+    assert len(images) > 60
+    assert all(seen[e][i] != seen[e + 1][i] for e in range(3) for i in images)
+    assert 0.25 < np.mean(list(seen[0].values())) < 0.75  # a random side to start from, not all one way
+    assert_same_batches(epoch(loaders(cfg).train, 3, start=2), epoch(loaders(cfg).train, 3)[2:])
+    coins = flipped_per_epoch(synthetic(crop_padding=0))  # the default: a coin each epoch repeats sides
+    assert any(coins[0][i] == coins[1][i] for i in set(coins[0]) & set(coins[1]))
+
+
+@pytest.mark.parametrize("fields, named", [({"hflip": False}, "data.hflip"),
+                                           ({"repeated_augmentation": 3}, "data.repeated_augmentation")])
+def test_alternating_flips_without_flips_or_with_repeats_is_one_line_error(fields, named):
+    one_line_error(lambda: loaders(synthetic(alternate_flips=True, **fields)), "data.alternate_flips", named)
+
+
 def test_ranks_get_disjoint_equal_shards_that_cover_the_epoch():
     world = 4
     shards = [loaders(synthetic(), batch_size=8, rank=r, world_size=world).train.batch_indices(epoch=3)
@@ -373,6 +406,14 @@ def test_imagefolder_loaders(tmp_path):
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == [0] * 6 + [1] * 6
     assert [y.tolist() for _, y in epoch(built.train, 0, start=2)] == [batches[2][1].tolist()]
     assert torch.cat([y for _, y in epoch(built.test)]).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_alternating_flips_on_a_folder_read_by_workers_is_one_line_error_and_fine_in_memory(tmp_path):
+    write_image_folder(tmp_path)
+    fields = dict(name="imagefolder", data_dir=str(tmp_path), num_workers=0, alternate_flips=True)
+    one_line_error(lambda: loaders(config(folder_in_memory=False, **fields), batch_size=4), "data.alternate_flips",
+                   "workers")
+    assert len(epoch(loaders(config(**fields), img_size=24, batch_size=4).train)) == 3
 
 
 def test_unreadable_image_is_one_line_error_from_a_worker(tmp_path):

@@ -160,7 +160,8 @@ def test_an_ema_run_says_which_accuracy_is_which_and_a_run_without_evaluation_pr
 def test_a_replan_that_lengthens_a_run_counts_its_new_steps_at_full_resolution():
     """The low-resolution boundary stays where it was, so every added step is a full-resolution one."""
     plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=50, img_size=32, low_res_size=16, low_res_steps=500)
-    calibration = Calibration(budget=1000.0, step_seconds={16: 0.2, 32: 0.6}, eval_seconds=1.0, save_seconds=0.5)
+    calibration = Calibration(budget=1000.0, step_seconds={(16, False): 0.2, (32, False): 0.6}, eval_seconds=1.0,
+                              save_seconds=0.5)
     new, slowdown = calibration.replan(plan, step=200, seconds_left=500.0, seconds_trained=40.0, first_step=0,
                                        eval_every=0, save_every=0)
     assert slowdown == pytest.approx(1.0) and new.low_res_steps == 500 and new.total_steps > 1000

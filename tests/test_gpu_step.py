@@ -82,7 +82,7 @@ def test_steady_steps_on_a_gpu_never_synchronise(tmp_path, settings):
     try:
         for _ in range(5):
             run.state.set_learning_rate()
-            loss = run.step(*next(batches), run.state.plan.image_size(run.state.step))
+            loss = run.step(*next(batches), *run.state.plan.phase(run.state.step))
             run.state.step += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -173,19 +173,33 @@ def test_memory_exhausted_on_the_cpu_is_one_line_and_keeps_the_last_checkpoint(t
     assert not (tmp_path / "huge").exists()
 
 
-def test_a_compiled_run_with_patch_dropout_and_low_resolution_compiles_each_shape_once(tmp_path, capsys):
+def test_a_compiled_run_with_patch_dropout_low_resolution_and_every_patch_compiles_each_shape_once(tmp_path,
+                                                                                                     capsys):
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     config = resolve_config({**EVERYTHING_ON, "compile": True, "schedule.steps": 8, "log_every": 4,
                              "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.5,
+                             "schedule.all_patches_steps": 2,
                              "data.synthetic_test_size": 64, "eval_batch_size": 64, "optim.ema_decay": 0.0,
                              "output_dir": str(tmp_path), "name": "compiled"})
     train(config)
-    # training at 16 px and at 32 px, evaluation at 32 px: three graphs, none recompiled as the steps go on
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    # training at 16 px, at 32 px and on every patch at 32 px, evaluation at 32 px: four graphs, none recompiled
+    # as the steps go on
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     assert "compiled: the first step took" in capsys.readouterr().out
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line_before_anything_is_written(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vit_train", "--dataset", "synthetic", "--model", "testing",
+                           "--device", "cpu", "--steps", "2", "--compile", "--output-dir", str(tmp_path), "--name",
+                           "run"], capture_output=True, text=True,
+                          env={**os.environ, "CXX": str(tmp_path / "no-such-g++"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: --compile on the CPU needs a C++ compiler") and \
+        done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_gpu_check_without_a_gpu_says_so_in_one_line_and_writes_nothing(tmp_path):

@@ -17,7 +17,7 @@ from vit_train.cli import eval_main
 from vit_train.config import default_data_config
 from vit_train.data import build_loaders
 from vit_train.errors import UserError
-from vit_train.models.vit import DropPath, create_model, resize_position_grid
+from vit_train.models.vit import Block, DropPath, create_model, resize_position_grid
 from vit_train.budget import Calibration, budget_seconds, budget_steps
 from vit_train.optim import Plan, WeightEMA
 from vit_train.report import duration_line, format_duration
@@ -31,7 +31,7 @@ TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train
 ALL_ON = {"model.transformer.drop_path_rate": 0.2, "optim.ema_decay": 0.9, "data.repeated_augmentation": 3,
           "data.auto_augment": "autoaugment", "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0,
           "data.random_erasing": 0.25, "model.patch_dropout": 0.25, "schedule.low_res_size": 16,
-          "schedule.low_res_fraction": 0.5}
+          "schedule.low_res_fraction": 0.5, "schedule.all_patches_fraction": 0.2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -165,12 +165,43 @@ def test_a_model_takes_images_of_a_lower_resolution_with_its_position_grid_resiz
 def test_the_low_resolution_share_comes_first():
     config = resolve_config({**TINY, "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.25})
     plan = Plan.from_config(config, steps_per_epoch=16, total_steps=40)
-    sizes = [plan.image_size(step) for step in range(40)]
+    sizes = [plan.phase(step)[0] for step in range(40)]
     assert sizes == [16] * 10 + [32] * 30
     with pytest.raises(UserError, match="low_res_size 14 does not split into whole 4-pixel patches"):
         resolve_config({**TINY, "schedule.low_res_size": 14})  # 4-px patches
     with pytest.raises(UserError, match="low_res_size"):
         resolve_config({**TINY, "schedule.low_res_size": 48})
+
+
+def test_the_last_steps_train_on_every_patch_from_a_restarted_learning_rate(tmp_path):
+    settings = {"model.patch_dropout": 0.75, "schedule.all_patches_fraction": 0.1, "schedule.all_patches_lr": 0.2,
+                "schedule.steps": 40, "eval_every": 0, "save_every": 0}
+    plan = Plan.from_config(resolve_config({**TINY, **settings}), steps_per_epoch=16)
+    assert [plan.phase(step) for step in range(40)] == [(32, False)] * 36 + [(32, True)] * 4
+    assert plan.lr_factor(35) < 0.01 and plan.lr_factor(36) == pytest.approx(0.2)  # the main decay ends, then
+    assert 0.2 > plan.lr_factor(37) > plan.lr_factor(38) > plan.lr_factor(39) > 0  # the restart decays again
+    tokens = []  # the sequence each block trains on: the CLS token and 16 of 64 patches, then all 64 at the end
+
+    def record(module, args):
+        if isinstance(module, Block) and module.training:
+            tokens.append(args[0].shape[1])
+    with torch.nn.modules.module.register_module_forward_pre_hook(record):
+        run(tmp_path, "last-on-all", **settings)
+    layers = create_model("testing").blocks.__len__()
+    assert tokens == [17] * 36 * layers + [65] * 4 * layers
+
+
+def test_an_ending_on_every_patch_needs_patch_dropout_and_a_learning_rate_factor_in_range():
+    # without patch dropout every step is on every patch, so there is no ending (a recipe's model swapped for one
+    # without patch dropout keeps working)
+    config = resolve_config({**TINY, "schedule.all_patches_fraction": 0.1, "schedule.steps": 40})
+    plan = Plan.from_config(config, steps_per_epoch=16)
+    assert plan.all_patches_steps == 0 and plan.lr_factor(39) == pytest.approx(Plan.from_config(
+        resolve_config({**TINY, "schedule.steps": 40}), steps_per_epoch=16).lr_factor(39))
+    for lr in (0.0, 1.5, math.nan):
+        with pytest.raises(UserError, match="schedule.all_patches_lr is a factor of the peak learning rate"):
+            resolve_config({**TINY, "model.patch_dropout": 0.5, "schedule.all_patches_fraction": 0.1,
+                            "schedule.all_patches_lr": lr})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +307,8 @@ def test_a_replan_scales_the_steps_still_to_come_by_how_much_slower_the_first_ra
     config = resolve_config({**TINY, "schedule.low_res_size": 16, "schedule.low_res_fraction": 0.25,
                              "eval_every": 0, "save_every": 0})
     plan = Plan.from_config(config, steps_per_epoch=16, total_steps=400)
-    calibration = Calibration(budget=100.0, step_seconds={16: 0.05, 32: 0.2}, eval_seconds=1.0, save_seconds=0.5)
+    calibration = Calibration(budget=100.0, step_seconds={(16, False): 0.05, (32, False): 0.2}, eval_seconds=1.0,
+                              save_seconds=0.5)
 
     def replan(seconds_left, seconds_trained):
         return calibration.replan(plan, step=200, seconds_left=seconds_left, seconds_trained=seconds_trained,
@@ -300,8 +332,29 @@ def test_a_new_length_keeps_the_boundaries_it_reaches_and_moves_only_those_it_no
     assert (shorter.warmup_steps, shorter.low_res_steps) == (300, 500)
     much_shorter = plan.lengthened(400, step=350)  # the warm-up is over; the low-res phase keeps its half
     assert (much_shorter.warmup_steps, much_shorter.low_res_steps) == (300, 350)
-    assert [longer.image_size(s) for s in (499, 500, 1399)] == [16, 32, 32]  # never back to low resolution
+    assert [longer.phase(s)[0] for s in (499, 500, 1399)] == [16, 32, 32]  # never back to low resolution
     assert plan.lengthened(5000, step=600).low_res_steps == 500
+
+
+def test_a_new_length_keeps_the_steps_on_every_patch_last_and_the_budget_prices_them_at_their_cost():
+    plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=50, img_size=32, all_patches_steps=20,
+                all_patches_lr=0.1)
+    longer = plan.lengthened(1400, step=500)
+    assert (longer.all_patches_steps, longer.all_patches_from) == (20, 1380)
+    assert longer.lr_factor(500) == pytest.approx(plan.lr_factor(500))  # the learning rate never jumps
+    assert longer.lr_factor(1379) < 1e-4 and longer.lr_factor(1380) == pytest.approx(0.1)
+    assert plan.lengthened(510, step=500).all_patches_steps == 10  # as many as still fit
+    assert plan.lengthened(1400, step=985) is plan  # they began: the length stays
+    calibration = Calibration(budget=1000.0, step_seconds={(32, False): 0.1, (32, True): 0.4}, eval_seconds=1.0,
+                              save_seconds=0.5)
+    assert calibration.calibrated_seconds(plan, 900, 1000) == pytest.approx(80 * 0.1 + 20 * 0.4)
+    new, _ = calibration.replan(plan, step=200, seconds_left=100.0, seconds_trained=20.0, first_step=0,
+                                eval_every=0, save_every=0)
+    assert new.all_patches_steps == 20
+    spent = calibration.calibrated_seconds(new, 200, new.total_steps) + 1.0 + 0.5
+    assert spent <= 94.0 < spent + 0.1  # fits the time less a 6% reserve; one more step would not
+    assert calibration.replan(plan, step=990, seconds_left=100.0, seconds_trained=1.0, first_step=900,
+                              eval_every=0, save_every=0)[0] is plan
 
 
 def test_durations_never_wrap_and_a_long_cpu_run_names_a_cpu_recipe():
@@ -360,21 +413,22 @@ def test_a_run_needs_a_length():
 # ---------------------------------------------------------------------------------------------------------------
 # Everything on, interrupted and resumed
 
-def test_a_run_with_every_regulariser_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [13, 26], ids=["at-low-resolution", "on-every-patch"])
+def test_a_run_with_every_regulariser_resumes_bit_identically(stop_at, tmp_path, monkeypatch):
     straight = run(tmp_path, "straight", **ALL_ON)
     real_step, calls = vit_train.train.train_step, []
 
     def step(*args):
         calls.append(1)
         loss = real_step(*args)
-        if len(calls) == 13:
+        if len(calls) == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
 
     monkeypatch.setattr(vit_train.train, "train_step", step)
     stopped = run(tmp_path, "interrupted", **ALL_ON)
     monkeypatch.undo()
-    assert stopped["step"] == 13 and load_checkpoint(tmp_path / "interrupted")["ema"] is not None
+    assert stopped["step"] == stop_at and load_checkpoint(tmp_path / "interrupted")["ema"] is not None
     resumed = train(resolve_config({"resume": str(tmp_path / "interrupted")}))
     assert (resumed["eval_accuracy"], resumed["eval_ema_accuracy"], resumed["eval_loss"]) == (
         straight["eval_accuracy"], straight["eval_ema_accuracy"], straight["eval_loss"])
@@ -392,6 +446,8 @@ def test_checkpoints_written_before_the_new_keys_resume_and_evaluate(tmp_path, c
     config = checkpoint["config"]
     del config["optim"]["ema_decay"], config["data"]["random_erasing"], config["data"]["repeated_augmentation"]
     del config["model"]["transformer"]["drop_path_rate"], config["model"]["patch_dropout"], checkpoint["ema"]
+    for key in ("all_patches_fraction", "all_patches_steps", "all_patches_lr"):
+        del config["schedule"][key]
     torch.save(checkpoint, path)
     assert eval_main(["--checkpoint", str(path), "--device", "cpu"]) == 0
     assert train(resolve_config({"resume": str(path), "schedule.steps": 12}))["step"] == 12

@@ -101,8 +101,9 @@ def reserve(share, seconds) -> float:
 
 @dataclasses.dataclass
 class Calibration:
-    """What a --time-budget run measured: seconds per training step at each image side, per evaluation (raw and
-    EMA, and a new best.pt) and per checkpoint save; and what it keeps in reserve for the unforeseen."""
+    """What a --time-budget run measured: seconds per training step in each phase of the plan (Plan.phase: an
+    image side, and patch dropout or every patch), per evaluation (raw and EMA, and a new best.pt) and per
+    checkpoint save; and what it keeps in reserve for the unforeseen."""
     budget: float
     step_seconds: dict
     eval_seconds: float
@@ -110,10 +111,7 @@ class Calibration:
 
     def calibrated_seconds(self, plan, first, last) -> float:
         """Seconds that steps first..last-1 of `plan` take at the calibrated speeds."""
-        low = max(0, min(last, plan.low_res_steps) - first)
-        high = last - first - low
-        return (low * self.step_seconds.get(plan.low_res_size, 0.0)
-                + high * self.step_seconds.get(plan.img_size, 0.0))
+        return sum(n * self.step_seconds.get(phase, 0.0) for phase, n in plan.phase_steps(first, last).items())
 
     def replan(self, plan, step, seconds_left, seconds_trained, first_step, eval_every, save_every) -> tuple:
         """(the plan with its new length, how many times slower than calibrated its steps ran), once steps
@@ -123,8 +121,10 @@ class Calibration:
 
         The calibration times a few seconds of steps, a shared machine's speed wanders by more than that shows,
         and it drifts over a run (docs/training.md has what was measured): the run re-plans from its recent
-        steps."""
+        steps. Once the steps on every patch began, the length stays (Plan.lengthened)."""
         slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
+        if step >= plan.all_patches_from:
+            return plan, slowdown
 
         def cost(more):  # the steps as the lengthened plan has them (a longer run adds full-resolution steps)
             evals, saves = pauses(more, step, eval_every, save_every)
@@ -163,14 +163,14 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
     first, warmup_seconds = time_train_steps(step_fn, batches, warmup=1, timed=1, clock=clock)
     first = all_ranks(first, world_size)[0]  # every rank must run as many (all-reducing) steps as the others
     timed = min(30, max(3, int(0.02 * budget / first)))  # about 2% of the budget, at most 30 steps
-    # The sides the run trains at, in the proportion its plan gives them (any length will do for the shares).
-    shares = Plan.from_config(config, steps_per_epoch=1, total_steps=1000).image_sizes()
+    # The phases the run trains in, in the proportion its plan gives them (any length will do for the shares).
+    shares = Plan.from_config(config, steps_per_epoch=1, total_steps=1000).phases()
     refuse_beyond_budget(f"start-up and timing {(timed + 1) * len(shares)} steps of {first:.1f} s",
                          (timed + 1) * len(shares) * first, warmup_seconds)
     seconds_at = {}
-    for size in shares:
-        seconds_at[size], warmed = time_train_steps(lambda x, y: step_fn(x, y, size), batches, warmup=1,
-                                                    timed=timed, clock=clock)
+    for phase in shares:
+        seconds_at[phase], warmed = time_train_steps(lambda x, y: step_fn(x, y, *phase), batches, warmup=1,
+                                                     timed=timed, clock=clock)
         warmup_seconds += warmed
     batch_seconds, first_batch_seconds = time_eval_batches(eval_model, test_loader, state.device, precision, clock)
     eval_seconds, warmup_seconds = batch_seconds * len(test_loader), warmup_seconds + first_batch_seconds
@@ -183,8 +183,8 @@ def calibrate(config, state, step_fn, batches, eval_model, test_loader, precisio
     calibration = Calibration(budget, *all_ranks((seconds_at, eval_seconds, save_seconds), world_size)[0])
     state.load_state_dict(snapshot)
 
-    # the mean step over the run: low- and full-resolution steps in their proportion
-    step_seconds = sum(share * calibration.step_seconds[size] for size, share in shares.items())
+    # the mean step over the run: the phases' steps in their proportion
+    step_seconds = sum(share * calibration.step_seconds[phase] for phase, share in shares.items())
     # Start-up of the loop, the final report, and the machine's changing speed until the re-plan.
     seconds_left = budget - (clock() - started) - reserve(0.15, budget)
     steps = budget_steps(seconds_left, step_seconds, calibration.eval_seconds, calibration.save_seconds,

@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
         "low_res_size": 0,                               # > 0: train at this image side first (then img_size)
         "low_res_fraction": 0.0,                         # the fraction of the steps trained at low_res_size
         "low_res_steps": config_dict.placeholder(int),   # instead of low_res_fraction: this many first steps
+        "all_patches_fraction": 0.0,                     # with model.patch_dropout: the fraction of the steps,
+                                                         # the last ones, that train on every patch
+        "all_patches_steps": config_dict.placeholder(int),  # instead of all_patches_fraction: this many last steps
+        "all_patches_lr": 0.1,                           # the peak lr's factor those steps restart at, decaying to 0
         "decay_from_step": 0,                            # written by a time budget's re-plans (optim.Plan):
         "decay_from": 0.0,                               # the decay's progress at decay_from_step
         "steps": config_dict.placeholder(int),           # optimizer steps; set this or epochs
@@ -98,6 +102,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         "crop_padding": 4,            # random crop after padding by this many pixels; 0 disables the crop
         "padding_mode": "reflect",    # 'reflect' | 'zeros'
         "hflip": True,
+        "alternate_flips": False,     # with hflip: each image flipped in every other epoch (from a random start)
+                                      # rather than by a coin each epoch, so each pair of epochs shows it both ways
         "auto_augment": "none",       # 'none' | 'randaugment' | 'trivialaugment' | 'autoaugment' (CIFAR-10 policy)
         "random_erasing": 0.0,        # probability that an image gets a box of noise, after normalisation
         "mixup_alpha": 0.0,           # > 0 enables mixup; with cutmix too, each batch picks one of them 50/50
@@ -153,13 +159,20 @@ def get_key(config, key):
     return node
 
 
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                 "0": False}
+
+
 def set_key(config, key, value):
     """Set a dotted key. A string value for a key that does not hold strings is read as a Python literal
-    ("0.05", "(4, 4)", "None", "True"), so --set values need no quotes; a value of the wrong type is an error."""
+    ("0.05", "(4, 4)", "None", "True"; a boolean also as true/false, yes/no, on/off, 1/0), so --set values need no
+    quotes; a value of the wrong type is an error."""
     parent, _, leaf = key.rpartition(".")
     node = get_key(config, parent)
     get_key(config, key)  # the leaf must exist too: a typo is an error, not a new key
-    if isinstance(value, str) and node.get_type(leaf) is not str:
+    if isinstance(value, str) and node.get_type(leaf) is bool and value.strip().lower() in BOOLEAN_WORDS:
+        value = BOOLEAN_WORDS[value.strip().lower()]  # as a shell user writes it: true, false, yes, no, on, off
+    elif isinstance(value, str) and node.get_type(leaf) is not str:
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):

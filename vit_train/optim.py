@@ -33,9 +33,10 @@ def warmup_cosine(step, warmup_steps, total_steps):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A run's schedule in absolute optimizer steps: its length, its warm-up, and how many of its first steps
-    train at the low resolution (progressive resizing). A value, fixed when made: fractions of the run are turned
-    into steps once, so a run that is re-planned or resumed never moves a boundary it has already passed.
+    """A run's schedule in absolute optimizer steps: its length, its warm-up, how many of its first steps train at
+    the low resolution (progressive resizing) and how many of its last on every patch (after patch dropout). A
+    value, fixed when made: fractions of the run are turned into steps once, so a run that is re-planned or
+    resumed never moves a boundary it has already passed.
 
     A re-plan (a time budget's) changes the length after the decay began: the decay then goes on from the
     progress it had reached at that step (decay_from, at decay_from_step) to 0 at the new length, so that the
@@ -48,6 +49,8 @@ class Plan:
     low_res_steps: int = 0   # steps 0..low_res_steps-1 see low_res_size images
     decay_from_step: int = 0
     decay_from: float = 0.0
+    all_patches_steps: int = 0     # the last steps train on every patch, patch dropout off
+    all_patches_lr: float = 0.0    # the peak lr's factor they restart at
 
     @classmethod
     def from_config(cls, config, steps_per_epoch, total_steps=None) -> "Plan":
@@ -62,32 +65,59 @@ class Plan:
         if schedule.low_res_size:
             low_res = (schedule.low_res_steps if schedule.low_res_steps is not None
                        else round(schedule.low_res_fraction * total_steps))
+        all_patches = schedule.get("all_patches_steps")  # both absent from configs saved before them
+        if all_patches is None:
+            all_patches = round(schedule.get("all_patches_fraction", 0.0) * total_steps)
+        if not config.model.get("patch_dropout", 0.0):  # every step is on every patch: there is no ending to add
+            all_patches = 0
         return cls(schedule.name, total_steps, warmup, config.img_size, schedule.low_res_size,
                    min(low_res, total_steps) if schedule.low_res_size else 0, schedule.decay_from_step,
-                   schedule.decay_from)
+                   schedule.decay_from, min(all_patches, total_steps), schedule.get("all_patches_lr", 0.0))
+
+    @property
+    def all_patches_from(self) -> int:
+        """The first step on every patch (total_steps when there are none); the main decay reaches 0 there."""
+        return self.total_steps - self.all_patches_steps
 
     def decay_progress(self, step) -> float:
         start = max(self.decay_from_step, self.warmup_steps)
-        return self.decay_from + (1.0 - self.decay_from) * min(1.0, (step - start) / max(1, self.total_steps - start))
+        span = max(1, self.all_patches_from - start)  # the decay ends where the steps on every patch begin
+        return self.decay_from + (1.0 - self.decay_from) * min(1.0, (step - start) / span)
 
     def lr_factor(self, step) -> float:
-        """The multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+        """The multiplier of the peak learning rate at optimizer step `step` (0-based). The steps on every patch
+        restart at all_patches_lr and decay to 0 as the run's decay does: a short fine-tuning of the network,
+        trained on a quarter of its tokens, to the whole sequence it is evaluated on (as FLIP, Li et al. 2023,
+        tunes without masking at the end)."""
+        decay = DECAYS[self.schedule][0]
+        if self.all_patches_steps and step >= self.all_patches_from:
+            return self.all_patches_lr * decay(min(1.0, (step - self.all_patches_from) / self.all_patches_steps))
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        return DECAYS[self.schedule][0](self.decay_progress(step))
+        return decay(self.decay_progress(step))
 
-    def image_size(self, step) -> int:
-        """Progressive resizing: the first low_res_steps see images at low_res_size, the rest at img_size.
-        Low-resolution steps cost a fraction as much (a 16-px image has a quarter of the patches of a 32-px one), so
-        more epochs fit a time budget; the last steps adapt the network to the full resolution it is evaluated at
-        (as Touvron et al. 2019 train low and test high)."""
-        return self.low_res_size if step < self.low_res_steps else self.img_size
+    def phase(self, step) -> tuple:
+        """(image side, every patch?) of step `step`. Progressive resizing: the first low_res_steps see images at
+        low_res_size, the rest at img_size. Low-resolution steps cost a fraction as much (a 16-px image has a
+        quarter of the patches of a 32-px one), so more epochs fit a time budget; the last steps adapt the network
+        to the full resolution it is evaluated at (as Touvron et al. 2019 train low and test high). The last
+        all_patches_steps turn patch dropout off, for the same reason."""
+        every_patch = step >= self.all_patches_from
+        return (self.low_res_size if step < self.low_res_steps and not every_patch else self.img_size, every_patch)
 
-    def image_sizes(self) -> dict:
-        """{image side: the share of the run's steps at it}, for the sides the run uses."""
-        shares = {self.low_res_size: self.low_res_steps / self.total_steps,
-                  self.img_size: 1 - self.low_res_steps / self.total_steps}
-        return {size: share for size, share in shares.items() if share > 0}
+    def phase_steps(self, first, last) -> dict:
+        """{phase: how many of steps first..last-1 are in it}, for the phases that have any."""
+        def count(lo, hi):
+            return max(0, min(last, hi) - max(first, lo))
+        low_res = min(self.low_res_steps, self.all_patches_from)
+        counts = {(self.low_res_size, False): count(0, low_res),
+                  (self.img_size, False): count(low_res, self.all_patches_from),
+                  (self.img_size, True): count(self.all_patches_from, self.total_steps)}
+        return {phase: n for phase, n in counts.items() if n > 0}
+
+    def phases(self) -> dict:
+        """{phase: the share of the run's steps in it}, for the phases the run has."""
+        return {phase: n / self.total_steps for phase, n in self.phase_steps(0, self.total_steps).items()}
 
     def lengthened(self, total_steps, step) -> "Plan":
         """This plan with a new length, decided at `step`, its learning rate never jumping. After the warm-up, the
@@ -95,15 +125,21 @@ class Plan:
         when the new length reaches its end; when it does not, the warm-up ends at once and the decay starts
         from the factor the warm-up had reached (rather than from the peak). The low-resolution boundary stays
         where it was when reached or still reached; when it no longer is, it keeps its share of the run, so
-        that a shortened run still ends at full resolution."""
+        that a shortened run still ends at full resolution. The steps on every patch keep their number (as many
+        as fit after `step`), so they stay last; once they began, the plan keeps its length."""
+        if step >= self.all_patches_from:
+            return self
+        main_steps = total_steps - min(self.all_patches_steps, total_steps - step)
+
         def moved(boundary):
-            if boundary <= step or boundary < total_steps:
+            if boundary <= step or boundary < main_steps:
                 return boundary
-            return max(step, round(boundary * total_steps / self.total_steps))
-        changes = {"total_steps": total_steps, "low_res_steps": moved(self.low_res_steps) if self.low_res_size else 0}
+            return max(step, round(boundary * main_steps / self.all_patches_from))
+        changes = {"total_steps": total_steps, "all_patches_steps": total_steps - main_steps,
+                   "low_res_steps": moved(self.low_res_steps) if self.low_res_size else 0}
         if step >= self.warmup_steps:
             changes.update(decay_from_step=step, decay_from=self.decay_progress(step))
-        elif total_steps <= self.warmup_steps:
+        elif main_steps <= self.warmup_steps:
             changes.update(warmup_steps=step, decay_from_step=step,
                            decay_from=DECAYS[self.schedule][1](self.lr_factor(step)))
         return dataclasses.replace(self, **changes)
@@ -118,6 +154,7 @@ class Plan:
         schedule.decay_from_step, schedule.decay_from = self.decay_from_step, self.decay_from
         if self.low_res_size:
             schedule.low_res_steps, schedule.low_res_fraction = self.low_res_steps, 0.0
+        schedule.all_patches_steps, schedule.all_patches_fraction = self.all_patches_steps, 0.0
         return recorded
 
 

@@ -211,8 +211,17 @@ def validate(config):
             f"schedule.low_res_steps must be >= 0, got {schedule.low_res_steps}")
     require(schedule.low_res_steps is None or schedule.steps is not None or config.time_budget is None,
             "a --time-budget run plans its own length: give schedule.low_res_fraction, not schedule.low_res_steps")
+    require(schedule.all_patches_steps is None or schedule.all_patches_steps >= 0,
+            f"schedule.all_patches_steps must be >= 0, got {schedule.all_patches_steps}")
+    require(schedule.all_patches_steps is None or schedule.steps is not None or config.time_budget is None,
+            "a --time-budget run plans its own length: give schedule.all_patches_fraction, not "
+            "schedule.all_patches_steps")
+    require(math.isfinite(schedule.all_patches_lr) and 0 < schedule.all_patches_lr <= 1,
+            "schedule.all_patches_lr is a factor of the peak learning rate, in (0, 1]; got "
+            f"{schedule.all_patches_lr}")
     for what, value in {"optim.ema_decay": optim.ema_decay, "schedule.decay_from": schedule.decay_from,
-                        "schedule.warmup_fraction": schedule.warmup_fraction}.items():
+                        "schedule.warmup_fraction": schedule.warmup_fraction,
+                        "schedule.all_patches_fraction": schedule.all_patches_fraction}.items():
         require(value is None or 0 <= value < 1, f"{what} must be in [0, 1), got {value}")
     require(optim.name in OPTIMIZERS, f"unknown optimizer {optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     require(schedule.name in SCHEDULES, f"unknown schedule {schedule.name!r}; choose one of {', '.join(SCHEDULES)}")

@@ -108,6 +108,19 @@ def fast_bf16(device) -> bool:
     return native_on_cpu("bf16")
 
 
+def check_compiler(device) -> None:
+    """torch.compile builds a CPU model's kernels as C++ with the system's compiler; without one the first step
+    fails deep inside it. Say so before anything runs."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise UserError("--compile on the CPU needs a C++ compiler (torch.compile builds its kernels with one) and "
+                        "none was found; install g++ or clang++ (or point CXX at one), or drop --compile") from None
+
+
 def describe_device(device) -> str:
     """The device as every figure should name it: 'cuda:0 NVIDIA H200', or 'cpu AVX512 (bf16), 2 threads, <model
     name>': the kernels' instruction set, whether bf16 is native, the threads, and the processor."""

@@ -34,8 +34,8 @@ from vit_train.optim import Plan, WeightEMA, build_optimizer
 from vit_train.predict import attention_image
 from vit_train.pretrained import load_pretrained
 from vit_train.report import ESTIMATE_AFTER_STEPS, RunLog, duration_line, flatten
-from vit_train.runtime import (all_ranks, autocast, distributed, local_leader_first, out_of_memory_says,
-                               resolve_precision, seed_everything)
+from vit_train.runtime import (all_ranks, autocast, check_compiler, distributed, local_leader_first,
+                               out_of_memory_says, resolve_precision, seed_everything)
 from vit_train.state import RunState
 
 
@@ -173,11 +173,13 @@ class Run:
     log: RunLog = None
     saved_step: int = 0
 
-    def step(self, images, targets, size=None):
-        """One optimizer step (and the EMA's), images resized to `size` first when given."""
+    def step(self, images, targets, size=None, every_patch=False):
+        """One optimizer step (and the EMA's), images resized to `size` first when given, on every patch of each
+        image (patch dropout off) when `every_patch`."""
         if size is not None:
             images = resize_images(images, size)
         state = self.state
+        state.model.patch_dropout = 0.0 if every_patch else state.config.model.get("patch_dropout", 0.0)
         loss = train_step(self.train_model, state.optimizer, state.scaler, images, targets, state.config,
                           self.precision)
         if state.ema is not None:
@@ -251,6 +253,8 @@ def build_run(config, run_dir, rank, world_size, device) -> Run:
     """The data, the model (from --pretrained weights or a checkpoint), the optimizer, loss scaler and EMA, in one
     RunState writing to run_dir; resumed from config.resume when given. The plan is the config's, or None for a
     budget run to plan."""
+    if config.compile:
+        check_compiler(device)
     seed_everything(config.seed + rank)  # distinct dropout per process; DDP copies rank 0's initial weights
     precision = resolve_precision(config.precision, device)
     with local_leader_first(world_size):  # one dataset download per machine
@@ -337,7 +341,7 @@ def train(config, clock=time.perf_counter):
             images, targets = next(batches)
             state.set_learning_rate()
             lr = state.optimizer.param_groups[0]["lr"]
-            window.append(run.step(images, targets, state.plan.image_size(state.step)))
+            window.append(run.step(images, targets, *state.plan.phase(state.step)))
             state.step += 1
             if run.log:
                 run.log.step()

@@ -16,11 +16,12 @@ device.
 
 Reproducibility: every random choice is drawn on the host from a numpy Generator keyed by (seed, stream, epoch,
 batch), never from a global RNG. The epoch's permutation depends on (seed, epoch) only and each global batch's
-augmentation parameters on (seed, epoch, batch) only, so a resumed run that calls `batches(epoch, start=k)` sees
-exactly the batches the uninterrupted run saw from batch k on, and N ranks with per-rank batch G/N see, between
-them, the same samples with the same augmentation as one process with batch G (random erasing's boxes and noise
-too). Mixup and cutmix pair images within each rank's batch, as timm and DeiT do. (numpy rather than
-torch.Generator because mixup needs Beta samples, which torch cannot draw from an explicit generator.)
+augmentation parameters on (seed, epoch, batch) only (an alternating flip on (seed, image, epoch)), so a resumed
+run that calls `batches(epoch, start=k)` sees exactly the batches the uninterrupted run saw from batch k on, and N
+ranks with per-rank batch G/N see, between them, the same samples with the same augmentation as one process with
+batch G (random erasing's boxes and noise too). Mixup and cutmix pair images within each rank's batch, as timm
+and DeiT do. (numpy rather than torch.Generator because mixup needs Beta samples, which torch cannot draw from an
+explicit generator.)
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from vit_train.runtime import to_device
 # --------------------------------------------------------------------------------------------------------------
 # Seeded randomness: a Generator per (seed, stream, epoch[, batch]), so no state carries over between steps.
 
-SHUFFLE, AUGMENT, WORKERS = range(3)
+SHUFFLE, AUGMENT, WORKERS, FIRST_FLIPS = range(4)
 
 
 def keyed_rng(*key: int) -> np.random.Generator:
@@ -92,6 +93,11 @@ class TrainLoader:
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.global_batch = batch_size * world_size
         self.augmentation, self.mixing, self.erasing = augmentation, mixing, erasing
+        # Alternating flips (Jordan 2024, airbench): image i is flipped in epoch e when first_flips[i] differs
+        # from e's parity, so over any two epochs it is seen once each way, where coins repeat a side half the time.
+        self.first_flips = None
+        if data_cfg.alternate_flips:
+            self.first_flips = keyed_rng(seed, FIRST_FLIPS).random(len(source)) < 0.5
 
     def __len__(self) -> int:
         return len(self.source) // self.global_batch
@@ -116,12 +122,16 @@ class TrainLoader:
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, targets) for each batch of the epoch from batch `start` on; see the class docstring."""
         worker_seed = int(keyed_rng(self.seed, WORKERS, epoch).integers(2 ** 62))
-        fetched = self.source.fetch(self.batch_indices(epoch, start), worker_seed)
+        index_batches = self.batch_indices(epoch, start)
+        fetched = self.source.fetch(index_batches, worker_seed)
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for b, (images, labels) in enumerate(fetched, start):
+        for b, indices, (images, labels) in zip(range(start, len(self)), index_batches, fetched):
             rng = keyed_rng(self.seed, AUGMENT, epoch, b)
             if self.augmentation is not None:
-                images = self.augmentation(images, self.augmentation.draw(rng, self.global_batch)[mine])
+                params = self.augmentation.draw(rng, self.global_batch)[mine]
+                if self.first_flips is not None:
+                    params.flips = self.first_flips[indices] ^ bool(epoch % 2)
+                images = self.augmentation(images, params)
             x = preprocess_images(images, self.data_cfg, self.img_size)
             if self.erasing is not None:
                 x = self.erasing(x, self.erasing.draw(rng, self.global_batch, *x.shape[-2:])[mine])
@@ -184,6 +194,12 @@ def check_data_config(data_cfg) -> None:
             raise UserError(f"data.{field} must be >= 0, got {data_cfg[field]}")
     if not 0 <= data_cfg.random_erasing <= 1:
         raise UserError(f"data.random_erasing is a probability, in [0, 1]; got {data_cfg.random_erasing}")
+    if data_cfg.alternate_flips and not data_cfg.hflip:
+        raise UserError("data.alternate_flips orders the flips data.hflip draws, and data.hflip is off; "
+                        "drop --set data.alternate_flips or turn data.hflip on")
+    if data_cfg.alternate_flips and data_cfg.repeated_augmentation > 1:
+        raise UserError("data.alternate_flips gives an image one flip per epoch, so the copies data."
+                        "repeated_augmentation makes would all share it; use one of the two")
     for field in ("synthetic_train_size", "synthetic_test_size", "synthetic_num_classes"):
         if data_cfg[field] < 1:
             raise UserError(f"data.{field} must be >= 1, got {data_cfg[field]}")
@@ -217,6 +233,9 @@ def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: 
         train_source = TensorSource(train, device)
         augmentation = DeviceAugmentation(data_cfg, image_size=train.images.shape[-1])
     else:  # decoded and augmented per image by the workers
+        if data_cfg.alternate_flips:
+            raise UserError("data.alternate_flips needs the images in memory, and this image folder is read by "
+                            "DataLoader workers, which flip each image by a coin; drop --set data.alternate_flips")
         train_source, augmentation = train, None
     mixing = None
     if data_cfg.mixup_alpha > 0 or data_cfg.cutmix_alpha > 0:
