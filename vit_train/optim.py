@@ -102,8 +102,8 @@ class Plan:
         quarter of the patches of a 32-px one), so more epochs fit a time budget; the last steps adapt the network
         to the full resolution it is evaluated at (as Touvron et al. 2019 train low and test high). The last
         all_patches_steps turn patch dropout off, for the same reason."""
-        every_patch = step >= self.all_patches_from
-        return (self.low_res_size if step < self.low_res_steps and not every_patch else self.img_size, every_patch)
+        (phase,) = self.phase_steps(step, step + 1)  # the boundaries are phase_steps' alone
+        return phase
 
     def phase_steps(self, first, last) -> dict:
         """{phase: how many of steps first..last-1 are in it}, for the phases that have any."""
