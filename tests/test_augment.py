@@ -88,6 +88,30 @@ def test_drawn_crop_offsets_stay_inside_the_padding():
     assert 0.45 < params.flips.mean() < 0.55
 
 
+def test_the_steps_on_every_patch_draw_their_own_crop_padding_where_one_is_set():
+    cfg = default_data_config()
+    cfg.crop_padding, cfg.hflip, cfg.all_patches_crop_padding = 0, False, 3
+    augmentation = augment.DeviceAugmentation(cfg, image_size=32)
+    images = torch.randint(0, 256, (500, 3, 32, 32), dtype=torch.uint8)
+    others = augmentation.draw(np.random.default_rng(0), len(images))
+    assert others.padding == 0 and not others.offsets.any()
+    assert torch.equal(augmentation(images, others), images)
+    ending = augmentation.draw(np.random.default_rng(0), len(images), every_patch=True)
+    assert ending.padding == 3 and (ending.offsets.min(), ending.offsets.max()) == (0, 6)
+    cropped = augmentation(images, ending).numpy()
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (3, 3), (3, 3)), mode="reflect")
+    for i, (top, left) in enumerate(ending.offsets):
+        assert np.array_equal(cropped[i], padded[i, :, top:top + 32, left:left + 32])
+    # unset, the ending crops as the other steps do: the same draws from the same generator
+    cfg.crop_padding, cfg.all_patches_crop_padding = 4, None
+    augmentation = augment.DeviceAugmentation(cfg, image_size=32)
+    same = [augmentation.draw(np.random.default_rng(1), 64, every_patch=flag) for flag in (False, True)]
+    assert same[0].padding == same[1].padding == 4 and np.array_equal(same[0].offsets, same[1].offsets)
+    cfg.all_patches_crop_padding = 32
+    with pytest.raises(UserError, match="data.all_patches_crop_padding=32 is too large for 32-pixel images"):
+        augment.DeviceAugmentation(cfg, image_size=32)
+
+
 def test_flips_flip_and_nothing_else():
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     no_offset = torch.zeros(6, 2, dtype=torch.long)

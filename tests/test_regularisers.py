@@ -17,7 +17,7 @@ from vit_train.cli import eval_main
 from vit_train.config import default_data_config
 from vit_train.data import build_loaders
 from vit_train.errors import UserError
-from vit_train.models.vit import Block, DropPath, create_model, resize_position_grid
+from vit_train.models.vit import Block, DropPath, VisionTransformer, create_model, resize_position_grid
 from vit_train.budget import Calibration, budget_seconds, budget_steps
 from vit_train.optim import Plan, WeightEMA
 from vit_train.report import duration_line, format_duration
@@ -31,7 +31,7 @@ TINY = {"model_name": "testing", "data.name": "synthetic", "data.synthetic_train
 ALL_ON = {"model.transformer.drop_path_rate": 0.2, "optim.ema_decay": 0.9, "data.repeated_augmentation": 3,
           "data.auto_augment": "autoaugment", "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0,
           "data.random_erasing": 0.25, "model.patch_dropout": 0.25, "schedule.low_res_size": 16,
-          "schedule.low_res_fraction": 0.5, "schedule.all_patches_fraction": 0.2}
+          "schedule.low_res_fraction": 0.5, "schedule.all_patches_fraction": 0.2, "data.all_patches_crop_padding": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,6 +191,22 @@ def test_the_last_steps_train_on_every_patch_from_a_restarted_learning_rate(tmp_
     assert tokens == [17] * 36 * layers + [65] * 4 * layers
 
 
+def test_the_steps_on_every_patch_and_only_they_train_on_batches_cropped_with_their_own_padding(tmp_path):
+    settings = {"model.patch_dropout": 0.75, "schedule.all_patches_fraction": 0.1, "schedule.steps": 40,
+                "data.crop_padding": 0, "eval_every": 0, "save_every": 0}
+    seen = {}  # each run's training batches, as the model gets them
+
+    def record(module, args):
+        if isinstance(module, VisionTransformer) and module.training:
+            seen[name].append(args[0].clone())
+    with torch.nn.modules.module.register_module_forward_pre_hook(record):
+        for name, crop in (("plain", None), ("cropped", 2)):
+            seen[name] = []
+            run(tmp_path, name, **settings, **{"data.all_patches_crop_padding": crop})
+    same = [torch.equal(a, b) for a, b in zip(seen["plain"], seen["cropped"], strict=True)]
+    assert same == [True] * 36 + [False] * 4  # the plan's last 4 steps are on every patch
+
+
 def test_an_ending_on_every_patch_needs_patch_dropout_and_a_learning_rate_factor_in_range():
     # without patch dropout every step is on every patch, so there is no ending (a recipe's model swapped for one
     # without patch dropout keeps working)
@@ -202,6 +218,18 @@ def test_an_ending_on_every_patch_needs_patch_dropout_and_a_learning_rate_factor
         with pytest.raises(UserError, match="schedule.all_patches_lr is a factor of the peak learning rate"):
             resolve_config({**TINY, "model.patch_dropout": 0.5, "schedule.all_patches_fraction": 0.1,
                             "schedule.all_patches_lr": lr})
+    with pytest.raises(UserError, match="data.all_patches_crop_padding must be >= 0, got -1"):
+        resolve_config({**TINY, "model.patch_dropout": 0.5, "schedule.all_patches_fraction": 0.1,
+                        "data.all_patches_crop_padding": -1})
+
+
+def test_an_ending_crop_padding_in_a_run_without_an_ending_is_named_as_doing_nothing(capsys):
+    resolve_config({**TINY, "model.patch_dropout": 0.5, "schedule.all_patches_fraction": 0.1,
+                    "data.all_patches_crop_padding": 2})
+    assert capsys.readouterr().err == ""
+    resolve_config({**TINY, "data.all_patches_crop_padding": 2})  # no patch dropout: no ending
+    assert capsys.readouterr().err.startswith("warning: data.all_patches_crop_padding is read only with steps on "
+                                              "every patch")
 
 
 # ---------------------------------------------------------------------------------------------------------------

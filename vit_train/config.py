@@ -100,6 +100,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         "data_dir": "./data",         # holds cifar-10-batches-py/, cifar-100-python/, or an image folder tree
         "download": True,             # fetch CIFAR (checksum-verified) when its folder is missing
         "crop_padding": 4,            # random crop after padding by this many pixels; 0 disables the crop
+        "all_patches_crop_padding": config_dict.placeholder(int),  # the crop's padding in the steps on every
+                                      # patch (schedule.all_patches_*); unset: crop_padding, as the other steps
         "padding_mode": "reflect",    # 'reflect' | 'zeros'
         "hflip": True,
         "alternate_flips": False,     # with hflip: each image flipped in every other epoch (from a random start)

@@ -25,7 +25,7 @@ from vit_train.data.loaders import check_data_config, saved_data_config
 from vit_train.errors import UserError, warn
 from vit_train.hub import check_weights_source
 from vit_train.models.configs import block_parameters, check_config as check_model_config, get_config, patch_stride
-from vit_train.optim import MUON_PRECISIONS, OPTIMIZERS, SCHEDULES
+from vit_train.optim import MUON_PRECISIONS, OPTIMIZERS, SCHEDULES, Plan
 from vit_train.report import flatten
 from vit_train.runtime import device_memory, resolve_device
 
@@ -49,6 +49,11 @@ def in_memory(config) -> bool:
     return config.data.name != "imagefolder" or config.data.folder_in_memory
 
 
+def has_ending(config) -> bool:
+    """Whether the run ends with steps on every patch (any run length does to tell)."""
+    return Plan.from_config(config, steps_per_epoch=1, total_steps=1_000_000).all_patches_steps > 0
+
+
 # Keys that only some runs read, with when: one set in a run that never reads it is named in a warning line.
 ONLY_READ_WITH = {
     "optim.momentum": (lambda config: config.optim.name == "sgd", "optim.name=sgd (Muon's is optim.muon_momentum)"),
@@ -56,6 +61,8 @@ ONLY_READ_WITH = {
        for key in ("momentum", "ns_steps", "precision")},
     "optim.betas": (lambda config: config.optim.name != "sgd", "optim.name=adamw or muon"),
     "data.crop_padding": (in_memory, IN_MEMORY),
+    "data.all_patches_crop_padding": (lambda config: in_memory(config) and has_ending(config),
+                                      f"steps on every patch (schedule.all_patches_*) and {IN_MEMORY}"),
     "data.padding_mode": (lambda config: config.data.crop_padding > 0 and in_memory(config),
                           f"data.crop_padding > 0 and {IN_MEMORY}"),
     "data.download": (lambda config: config.data.name in ("cifar10", "cifar100"), "--dataset cifar10 or cifar100"),

@@ -338,10 +338,12 @@ def train(config, clock=time.perf_counter):
         replan_at = max(round(budget.REPLAN_AT * state.plan.total_steps), first_step + 1) if calibration else None
         replanned = (first_step, 0.0)  # the step and training seconds of the last re-plan (or the loop's start)
         while state.step < state.plan.total_steps and not signum:
+            phase = state.plan.phase(state.step)
+            run.loaders.train.every_patch = phase[1]  # the batch is drawn for its step's phase
             images, targets = next(batches)
             state.set_learning_rate()
             lr = state.optimizer.param_groups[0]["lr"]
-            window.append(run.step(images, targets, *state.plan.phase(state.step)))
+            window.append(run.step(images, targets, *phase))
             state.step += 1
             if run.log:
                 run.log.step()

@@ -410,39 +410,48 @@ AUGMENT_POLICIES = {
 @dataclass
 class SampleAugmentation:
     """Per-sample augmentation parameters of a batch, drawn on the host."""
+    padding: int            # the crop's padding, the same for the whole batch
     offsets: np.ndarray     # (n, 2) top-left corner of the crop in the padded image
     flips: np.ndarray       # (n,) bool
     ops: np.ndarray         # (n, rounds) indices into OP_NAMES
     magnitudes: np.ndarray  # (n, rounds)
 
     def __getitem__(self, rows: slice) -> "SampleAugmentation":
-        return SampleAugmentation(self.offsets[rows], self.flips[rows], self.ops[rows], self.magnitudes[rows])
+        return SampleAugmentation(self.padding, self.offsets[rows], self.flips[rows], self.ops[rows],
+                                  self.magnitudes[rows])
 
 
 class DeviceAugmentation:
-    """Random crop, horizontal flip and an optional auto-augment policy, for uint8 batches on the device."""
+    """Random crop, horizontal flip and an optional auto-augment policy, for uint8 batches on the device.
+
+    A batch for a step on every patch (schedule.all_patches_*) is cropped with data.all_patches_crop_padding where
+    that is set: on the whole sequence the network fits the training images fast, so a crop helps those steps
+    where the patch-dropout steps before them, which under-fit, lose by one."""
 
     def __init__(self, data_cfg, image_size: int):
-        if data_cfg.crop_padding >= image_size:
-            raise UserError(f"data.crop_padding={data_cfg.crop_padding} is too large for {image_size}-pixel "
-                            f"images; use a value below {image_size} (4 is usual)")
-        self.padding = data_cfg.crop_padding
+        ending = data_cfg.get("all_patches_crop_padding")
+        self.paddings = {False: data_cfg.crop_padding, True: data_cfg.crop_padding if ending is None else ending}
+        for key, padding in (("crop_padding", self.paddings[False]), ("all_patches_crop_padding", ending)):
+            if padding is not None and padding >= image_size:
+                raise UserError(f"data.{key}={padding} is too large for {image_size}-pixel images; use a value "
+                                f"below {image_size} (4 is usual)")
         self.padding_mode = data_cfg.padding_mode
         self.hflip = data_cfg.hflip
         self.policy = AUGMENT_POLICIES.get(data_cfg.auto_augment)
         self.image_size = image_size
 
-    def draw(self, rng: np.random.Generator, n: int) -> SampleAugmentation:
-        offsets = rng.integers(0, 2 * self.padding + 1, (n, 2))
+    def draw(self, rng: np.random.Generator, n: int, every_patch: bool = False) -> SampleAugmentation:
+        padding = self.paddings[every_patch]
+        offsets = rng.integers(0, 2 * padding + 1, (n, 2))
         flips = (rng.random(n) < 0.5) & self.hflip
         if self.policy is None:
-            return SampleAugmentation(offsets, flips, np.zeros((n, 0), np.int64), np.zeros((n, 0)))
-        return SampleAugmentation(offsets, flips, *self.policy.draw(rng, n, self.image_size))
+            return SampleAugmentation(padding, offsets, flips, np.zeros((n, 0), np.int64), np.zeros((n, 0)))
+        return SampleAugmentation(padding, offsets, flips, *self.policy.draw(rng, n, self.image_size))
 
     def __call__(self, images: torch.Tensor, params: SampleAugmentation) -> torch.Tensor:
-        if self.padding or self.hflip:
+        if params.padding or self.hflip:
             images = random_crop_flip(images, to_device(params.offsets, images.device),
-                                      to_device(params.flips, images.device), self.padding, self.padding_mode)
+                                      to_device(params.flips, images.device), params.padding, self.padding_mode)
         return apply_policy_ops(images, params.ops, params.magnitudes)
 
 

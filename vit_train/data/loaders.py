@@ -54,8 +54,6 @@ def keyed_rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(key)
 
 
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Where batches come from: a uint8 tensor on the device, or an image folder read by DataLoader workers.
 
@@ -93,6 +91,10 @@ class TrainLoader:
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.global_batch = batch_size * world_size
         self.augmentation, self.mixing, self.erasing = augmentation, mixing, erasing
+        # Set by the trainer before it draws each batch: whether the step it is for trains on every patch, so that
+        # the batch is cropped as those steps are (data.all_patches_crop_padding). Batches are drawn one at a
+        # time, as the steps ask for them, so it always applies to the next one.
+        self.every_patch = False
         # Alternating flips (Jordan 2024, airbench): image i is flipped in epoch e when first_flips[i] differs
         # from e's parity, so over any two epochs it is seen once each way, where coins repeat a side half the time.
         self.first_flips = None
@@ -128,7 +130,7 @@ class TrainLoader:
         for b, indices, (images, labels) in zip(range(start, len(self)), index_batches, fetched):
             rng = keyed_rng(self.seed, AUGMENT, epoch, b)
             if self.augmentation is not None:
-                params = self.augmentation.draw(rng, self.global_batch)[mine]
+                params = self.augmentation.draw(rng, self.global_batch, self.every_patch)[mine]
                 if self.first_flips is not None:
                     params.flips = self.first_flips[indices] ^ bool(epoch % 2)
                 images = self.augmentation(images, params)
@@ -189,8 +191,9 @@ def check_data_config(data_cfg) -> None:
     for field, allowed in choices.items():
         if data_cfg[field] not in allowed:
             raise UserError(f"unknown data.{field} {data_cfg[field]!r}; choose one of {', '.join(allowed)}")
-    for field in ("crop_padding", "mixup_alpha", "cutmix_alpha", "num_workers", "repeated_augmentation"):
-        if data_cfg[field] < 0:
+    for field in ("crop_padding", "all_patches_crop_padding", "mixup_alpha", "cutmix_alpha", "num_workers",
+                  "repeated_augmentation"):
+        if data_cfg.get(field) is not None and data_cfg[field] < 0:
             raise UserError(f"data.{field} must be >= 0, got {data_cfg[field]}")
     if not 0 <= data_cfg.random_erasing <= 1:
         raise UserError(f"data.random_erasing is a probability, in [0, 1]; got {data_cfg.random_erasing}")
