@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -155,6 +156,24 @@ def test_an_ema_run_says_which_accuracy_is_which_and_a_run_without_evaluation_pr
     assert final["best_accuracy"] is None
     summary = capsys.readouterr().out.splitlines()[-1]
     assert "(best n/a)" in summary and "-1.0" not in summary
+
+
+def test_the_summary_gives_the_images_a_second_of_the_whole_loop_with_evaluations_left_out(tmp_path, capsys,
+                                                                                          monkeypatch):
+    # the last logging window's rate misstates a run whose phases train at different speeds (an ending on every
+    # patch runs at a third of the speed), so the summary gives the whole loop's
+    real_evaluate = vit_train.train.Run.evaluate
+
+    def slow_evaluate(self, *args):
+        time.sleep(1.0)
+        return real_evaluate(self, *args)
+    monkeypatch.setattr(vit_train.train.Run, "evaluate", slow_evaluate)
+    final = train(resolve_config({**TINY, "schedule.steps": 8, "eval_every": 2, "log_every": 2,
+                                  "output_dir": str(tmp_path), "name": "rate"}))
+    images = 8 * TINY["batch_size"]
+    assert final["run_images_per_sec"] > images / (final["seconds"] - 4.0)  # the 4 evaluations' 4 s are not in it
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert f"  {final['run_images_per_sec']:.0f} img/s  in " in summary
 
 
 def test_a_replan_that_lengthens_a_run_counts_its_new_steps_at_full_resolution():

@@ -61,7 +61,7 @@ def summary(final, total_steps, with_ema):
     ema = f"  EMA accuracy {number(final['eval_ema_accuracy'], '.4f')}" if with_ema else ""
     return (f"done: step {final['step']}/{total_steps}  eval accuracy {number(final['eval_accuracy'], '.4f')}{ema} "
             f"({best} {number(final['best_accuracy'], '.4f')})  eval loss {number(final['eval_loss'], '.4f')}  "
-            f"train loss {number(final['train_loss'], '.4f')}  {number(final['images_per_sec'], '.0f')} img/s  "
+            f"train loss {number(final['train_loss'], '.4f')}  {final['run_images_per_sec']:.0f} img/s  "
             f"in {format_duration(final['seconds'])}  run dir {final['run_dir']}")
 
 

@@ -300,8 +300,10 @@ def build_run(config, run_dir, rank, world_size, device) -> Run:
 
 def train(config, clock=time.perf_counter):
     """Run a resolved config (vit_train.resolve.resolve_config) to its end and return the final metrics:
-    {step, train_loss, eval_loss, eval_accuracy, eval_ema_accuracy, best_accuracy, images_per_sec, run_dir,
-    stopped_by, seconds}, where stopped_by is the number of the signal that interrupted the run, or 0 when it ran to
+    {step, train_loss, eval_loss, eval_accuracy, eval_ema_accuracy, best_accuracy, images_per_sec,
+    run_images_per_sec, run_dir, stopped_by, seconds}, where images_per_sec is the last logging window's and
+    run_images_per_sec the whole loop's (evaluations and saves left out: a run's phases train at different speeds),
+    stopped_by is the number of the signal that interrupted the run, or 0 when it ran to
     the end, eval_ema_accuracy is None without optim.ema_decay, best_accuracy is None before the first evaluation,
     and seconds is the wall time since the call. `clock` times the run and its budget (seconds, monotonic: tests
     give a simulated one to make a budget's plan repeatable). The config is read, never changed."""
@@ -384,7 +386,10 @@ def train(config, clock=time.perf_counter):
         final = {"step": state.step, "train_loss": train_loss, "eval_loss": state.metrics.get("eval_loss"),
                  "eval_accuracy": state.metrics.get("eval_accuracy"),
                  "eval_ema_accuracy": state.metrics.get("eval_ema_accuracy"), "best_accuracy": state.best_accuracy,
-                 "images_per_sec": images_per_sec, "run_dir": str(run.run_dir), "stopped_by": signum,
+                 "images_per_sec": images_per_sec,
+                 "run_images_per_sec": (state.step - first_step) * config.batch_size
+                 / max(clock() - loop_started - paused, 1e-9),
+                 "run_dir": str(run.run_dir), "stopped_by": signum,
                  "seconds": clock() - started}
         if run.log:
             if signum:
