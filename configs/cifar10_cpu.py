@@ -15,9 +15,10 @@ docs/results.md, "What a CPU reaches"):
   orthogonalisation in bf16 only where the CPU has bf16 instructions, fp32 elsewhere), lr 2e-3 (Muon wants more
   than AdamW's 1e-3), weight decay 0.1, batch 128, warm-up 5% of the run, cosine to zero, label smoothing 0.1
   (0.2, linear decay, an EMA and a small translate were tried again and did not help);
-- flips only, no random crop: with a couple of dozen epochs the model under-fits, and crops cost accuracy; no
-  mixing, no auto-augment, no EMA (all help long runs, not this one); alternating flips, batch 256 and --compile
-  (11% faster steps once compiled) each landed where the number of images seen put them;
+- flips only, no random crop: with a couple of dozen epochs the model under-fits, and crops cost accuracy (in 30
+  minutes they pay: configs/cifar10_cpu_30m.py); no mixing, no auto-augment, no EMA (all help long runs, not this
+  one); alternating flips, batch 256 and --compile (11% faster steps once compiled) each landed where the number
+  of images seen put them;
 - the last steps on every patch (4% of the steps as first planned, about 3% of a run the re-plans lengthen), the
   learning rate restarting at a tenth of its peak and decaying to zero again: a short fine-tuning to the 64 tokens
   the network is evaluated on (each of these steps costs about 3.4 of the others, so they take about a tenth of
