@@ -425,8 +425,8 @@ class DeviceAugmentation:
     """Random crop, horizontal flip and an optional auto-augment policy, for uint8 batches on the device.
 
     A batch for a step on every patch (schedule.all_patches_*) is cropped with data.all_patches_crop_padding where
-    that is set: on the whole sequence the network fits the training images fast, so a crop helps those steps
-    where the patch-dropout steps before them, which under-fit, lose by one."""
+    that is set: on the whole sequence the network fits the training images faster than on a share of it, so those
+    steps may want more augmentation than the patch-dropout steps before them."""
 
     def __init__(self, data_cfg, image_size: int):
         ending = data_cfg.get("all_patches_crop_padding")
