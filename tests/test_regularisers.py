@@ -221,6 +221,8 @@ def test_an_ending_on_every_patch_needs_patch_dropout_and_a_learning_rate_factor
     with pytest.raises(UserError, match="data.all_patches_crop_padding must be >= 0, got -1"):
         resolve_config({**TINY, "model.patch_dropout": 0.5, "schedule.all_patches_fraction": 0.1,
                         "data.all_patches_crop_padding": -1})
+    with pytest.raises(UserError, match="data.crop_padding must be >= 0, got None"):  # only the ending's may be unset
+        resolve_config({**TINY, "data.crop_padding": None})
 
 
 def test_an_ending_crop_padding_in_a_run_without_an_ending_is_named_as_doing_nothing(capsys):

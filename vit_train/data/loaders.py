@@ -193,8 +193,11 @@ def check_data_config(data_cfg) -> None:
             raise UserError(f"unknown data.{field} {data_cfg[field]!r}; choose one of {', '.join(allowed)}")
     for field in ("crop_padding", "all_patches_crop_padding", "mixup_alpha", "cutmix_alpha", "num_workers",
                   "repeated_augmentation"):
-        if data_cfg.get(field) is not None and data_cfg[field] < 0:
-            raise UserError(f"data.{field} must be >= 0, got {data_cfg[field]}")
+        value = data_cfg.get(field)
+        if value is None and field == "all_patches_crop_padding":
+            continue  # unset: the steps on every patch crop by crop_padding
+        if value is None or value < 0:
+            raise UserError(f"data.{field} must be >= 0, got {value}")
     if not 0 <= data_cfg.random_erasing <= 1:
         raise UserError(f"data.random_erasing is a probability, in [0, 1]; got {data_cfg.random_erasing}")
     if data_cfg.alternate_flips and not data_cfg.hflip:
