@@ -18,7 +18,7 @@ from vit_train.config import default_data_config
 from vit_train.data import build_loaders
 from vit_train.errors import UserError
 from vit_train.models.vit import Block, DropPath, VisionTransformer, create_model, resize_position_grid
-from vit_train.budget import Calibration, budget_seconds, budget_steps
+from vit_train.budget import Calibration, budget_seconds, budget_steps, seconds_to_go
 from vit_train.optim import Plan, WeightEMA
 from vit_train.report import duration_line, format_duration
 from vit_train.resolve import resolve_config
@@ -385,6 +385,20 @@ def test_a_new_length_keeps_the_steps_on_every_patch_last_and_the_budget_prices_
     assert spent <= 94.0 < spent + 0.1  # fits the time less a 6% reserve; one more step would not
     assert calibration.replan(plan, step=990, seconds_left=100.0, seconds_trained=1.0, first_step=900,
                               eval_every=0, save_every=0)[0] is plan
+
+
+def test_the_time_to_go_prices_each_phase_at_its_own_speed_the_steps_on_every_patch_too():
+    plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=50, img_size=32, all_patches_steps=100,
+                all_patches_lr=0.1)
+    dropout, every = (32, False), (32, True)
+    calibrated = {dropout: 0.1, every: 0.4}
+    # Half way, running 1.5x slower than calibrated: the ending is expected 1.5x slower than its calibration too.
+    assert seconds_to_go(plan, 500, {dropout: 0.15}, calibrated) == pytest.approx(400 * 0.15 + 100 * 0.6)
+    # Inside the ending, its own measured speed counts, whatever the calibration said.
+    assert seconds_to_go(plan, 950, {dropout: 0.15, every: 0.5}, calibrated) == pytest.approx(50 * 0.5)
+    # A run without a calibration (--steps) knows no other speed than the one it runs at.
+    assert seconds_to_go(plan, 500, {dropout: 0.15}, {}) == pytest.approx(500 * 0.15)
+    assert seconds_to_go(plan, 1000, {dropout: 0.15}, calibrated) == 0
 
 
 def test_durations_never_wrap_and_a_long_cpu_run_names_a_cpu_recipe():

@@ -94,6 +94,22 @@ def most_steps(seconds_left, cost, upper) -> int:
     return fits
 
 
+def seconds_to_go(plan, step, seen, calibrated) -> float:
+    """Seconds of training that steps step..plan.total_steps-1 take: each phase of the plan (Plan.phase) at the
+    speed it last ran (`seen`: {phase: seconds per step}, the phase last run last). A phase not reached yet, such
+    as the steps on every patch at the end (several times dearer than the patch-dropout steps before them), runs at
+    its `calibrated` speed (a budget run's, else empty) scaled as the phase last run ran against its own; without a
+    calibration, at the speed of the phase last run."""
+    last = next(reversed(seen))
+    scale = seen[last] / calibrated[last] if calibrated.get(last) else None
+
+    def speed(phase):
+        if phase in seen:
+            return seen[phase]
+        return scale * calibrated[phase] if scale is not None and calibrated.get(phase) else seen[last]
+    return sum(n * speed(phase) for phase, n in plan.phase_steps(step, plan.total_steps).items())
+
+
 def reserve(share, seconds) -> float:
     """What a plan keeps back for the unforeseen: a share of the seconds it plans, at least 3."""
     return max(3.0, share * seconds)

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import threading
-import time
 
 import torch
 from tqdm import tqdm
@@ -102,7 +101,7 @@ class RunLog:
                 self.writer.close()
                 raise UserError(f"cannot continue {self.metrics_path} ({first_line(error)}); move it aside to "
                                 "start it anew") from None
-        self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
+        self.total_steps = total_steps
         self.device = describe_device(device)  # named with every figure: speed and accuracy depend on it
         use_bar = not quiet and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
@@ -163,17 +162,15 @@ class RunLog:
         if self.bar is not None:
             self.bar.update()
 
-    def train(self, step, loss, lr, images_per_sec, epoch):
+    def train(self, step, loss, lr, images_per_sec, epoch, eta_seconds):
         with self.writing(self.events):
             for tag, value in (("loss", loss), ("lr", lr), ("images_per_sec", images_per_sec)):
                 self.writer.add_scalar(f"train/{tag}", value, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}", refresh=False)
             return
-        seconds_per_step = (time.perf_counter() - self.started) / (step - self.start_step)
-        eta = format_duration(seconds_per_step * (self.total_steps - step))
         self.print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  "
-                   f"{images_per_sec:.0f} img/s  eta {eta}")
+                   f"{images_per_sec:.0f} img/s  eta {format_duration(eta_seconds)}")
 
     def eval(self, record, attention=None):
         with self.writing(self.events):

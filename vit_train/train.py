@@ -172,6 +172,8 @@ class Run:
     attention_samples: torch.Tensor  # four test images, whose attention maps TensorBoard shows
     log: RunLog = None
     saved_step: int = 0
+    calibrated: dict = dataclasses.field(default_factory=dict)  # a budget run's seconds per step of each phase
+    step_seconds: dict = dataclasses.field(default_factory=dict)  # ... as each last ran, the latest last
 
     def step(self, images, targets, size=None, every_patch=False):
         """One optimizer step (and the EMA's), images resized to `size` first when given, on every patch of each
@@ -203,16 +205,25 @@ class Run:
         self.save("last.pt")
         self.saved_step = self.state.step
 
-    def end_window(self, window, seconds, lr) -> tuple:
-        """(mean loss, images/s) of the steps since the last log point, logged; a non-finite loss stops the run."""
+    def end_window(self, window, seconds, lr, paused_share) -> tuple:
+        """(mean loss, images/s) of the steps since the last log point, logged with the time the rest of the run
+        will take (its training, at each phase's speed, and evaluations and saves taking the share `paused_share`
+        of the run's time they took so far); a non-finite loss stops the run."""
         state = self.state
         losses = window_losses(window, state.world_size)
         bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if bad is not None:
             raise diverged(state.step - len(losses) + 1 + bad, self.run_dir, self.saved_step)
         train_loss, images_per_sec = sum(losses) / len(losses), len(losses) * state.config.batch_size / seconds
+        phases = state.plan.phase_steps(state.step - len(window), state.step)
+        if len(phases) == 1 or not self.step_seconds:  # a window across a phase change says neither's speed
+            phase = state.plan.phase(state.step - 1)
+            self.step_seconds.pop(phase, None)
+            self.step_seconds[phase] = seconds / len(window)
         if self.log:
-            self.log.train(state.step, train_loss, lr, images_per_sec, epoch=state.epochs())
+            to_go = budget.seconds_to_go(state.plan, state.step, self.step_seconds, self.calibrated)
+            self.log.train(state.step, train_loss, lr, images_per_sec, epoch=state.epochs(),
+                           eta_seconds=to_go / (1 - paused_share))
         return train_loss, images_per_sec
 
     def evaluate(self, logged):
@@ -238,12 +249,14 @@ class Run:
 
 @contextlib.contextmanager
 def quiet_cpp_extension_logger():
-    """torch.compile's first use imports torch.utils.cpp_extension, which logs a warning line about CUDA_HOME on
-    machines without CUDA that concerns C++ extensions, not the run; it is held back while compiling starts."""
+    """Compiling imports torch.utils.cpp_extension, which logs a warning line about CUDA_HOME on machines with a
+    CUDA toolkit but no GPU; it concerns C++ extensions, not the run. It is imported here, its warning held back:
+    left to the compiled model's first call, it would print in the middle of the run's start."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
+        import torch.utils.cpp_extension  # noqa: F401  (the import is the point)
         yield
     finally:
         logger.setLevel(level)
@@ -324,6 +337,7 @@ def train(config, clock=time.perf_counter):
             state.plan, calibration, measured = budget.calibrate(
                 config, state, run.step, train_batches(run.loaders.train, 0), run.eval_model, run.loaders.test,
                 run.precision, started, clock)
+            run.calibrated = calibration.step_seconds
         stops.plan = lambda: f"{stopping_at(state, config, world_size)}, then saving {run.run_dir / 'last.pt'}"
         if rank == 0:
             run.write_config()
@@ -374,7 +388,8 @@ def train(config, clock=time.perf_counter):
             if not (at_log or signum):
                 continue
 
-            train_loss, images_per_sec = run.end_window(window, clock() - window_start, lr)
+            train_loss, images_per_sec = run.end_window(window, clock() - window_start, lr,
+                                                        paused_share=paused / max(clock() - loop_started, 1e-9))
             pause_started = clock()
             if at_eval:
                 run.evaluate({"train_loss": train_loss, "lr": lr, "images_per_sec": images_per_sec})
