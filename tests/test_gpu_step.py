@@ -191,6 +191,16 @@ def test_a_compiled_run_with_patch_dropout_low_resolution_and_every_patch_compil
     assert "compiled: the first step took" in capsys.readouterr().out
 
 
+def test_a_compiled_cpu_run_prints_no_warning_of_torch_about_cuda_home(tmp_path):
+    # With a CUDA toolkit and no GPU (CUDA_HOME set), torch's C++-extension module warns as compiling imports it.
+    done = subprocess.run([sys.executable, "-m", "vit_train", "--dataset", "synthetic", "--model", "testing",
+                           "--device", "cpu", "--steps", "1", "--compile", "--quiet", "--output-dir",
+                           str(tmp_path), "--name", "run"], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "CUDA" not in done.stdout + done.stderr and "compiled: the first step took" in done.stdout
+
+
 def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line_before_anything_is_written(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vit_train", "--dataset", "synthetic", "--model", "testing",
                            "--device", "cpu", "--steps", "2", "--compile", "--output-dir", str(tmp_path), "--name",
