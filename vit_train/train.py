@@ -215,12 +215,12 @@ class Run:
         if bad is not None:
             raise diverged(state.step - len(losses) + 1 + bad, self.run_dir, self.saved_step)
         train_loss, images_per_sec = sum(losses) / len(losses), len(losses) * state.config.batch_size / seconds
-        phases = state.plan.phase_steps(state.step - len(window), state.step)
-        if len(phases) == 1 or not self.step_seconds:  # a window across a phase change says neither's speed
-            phase = state.plan.phase(state.step - 1)
-            self.step_seconds.pop(phase, None)
-            self.step_seconds[phase] = seconds / len(window)
-        if self.log:
+        if self.log:  # the speeds are the ETA's alone, and only rank 0 prints it
+            phases = state.plan.phase_steps(state.step - len(window), state.step)
+            if len(phases) == 1 or not self.step_seconds:  # a window across a phase change says neither's speed
+                phase = state.plan.phase(state.step - 1)
+                self.step_seconds.pop(phase, None)
+                self.step_seconds[phase] = seconds / len(window)
             to_go = budget.seconds_to_go(state.plan, state.step, self.step_seconds, self.calibrated)
             self.log.train(state.step, train_loss, lr, images_per_sec, epoch=state.epochs(),
                            eta_seconds=to_go / (1 - paused_share))
