@@ -5,9 +5,13 @@ import fcntl
 import itertools
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -408,3 +412,29 @@ def test_the_previous_releases_import_of_create_model_still_works():
     assert isinstance(create_model("testing", img_size=32, num_classes=3), network)
     with pytest.raises(AttributeError, match="no attribute 'create_modle'"):
         vit_train.models.create_modle  # noqa: B018
+
+
+def test_the_progress_bar_on_a_terminal_shows_the_runs_eta_not_tqdms_average_rate_guess(tmp_path):
+    """On a terminal the bar replaces the progress lines, so it must carry the ETA that prices each phase apart;
+    tqdm's default `elapsed<remaining` is the average rate times the steps left, wrong across phases."""
+    master, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a pty starts 0 columns wide
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vit_train", *[a for a in TINY_SETS if a != "--quiet"], "--steps", "6",
+         "--set", "log_every=2", "--eval-every", "0", "--save-every", "0", "--output-dir", str(tmp_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal is gone once the run has exited
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(master)
+    assert process.wait(timeout=120) == 0, written.decode(errors="replace")[-2000:]
+    bar = written.decode(errors="replace")
+    assert "6/6" in bar and "eta=0:00:00" in bar
+    assert not re.search(r"\d\d:\d\d<", bar), bar[-800:]

@@ -104,7 +104,11 @@ class RunLog:
         self.total_steps = total_steps
         self.device = describe_device(device)  # named with every figure: speed and accuracy depend on it
         use_bar = not quiet and sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if use_bar else None
+        # tqdm's own time to go is its average step rate times the steps left, which misprices a plan whose phases
+        # step at different speeds (docs/training.md, "Time and --time-budget"): the bar shows the run's ETA instead.
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+                        ) if use_bar else None
         self.previous_excepthook, threading.excepthook = threading.excepthook, self.quiet_writer_thread
 
     def quiet_writer_thread(self, args):
@@ -167,7 +171,8 @@ class RunLog:
             for tag, value in (("loss", loss), ("lr", lr), ("images_per_sec", images_per_sec)):
                 self.writer.add_scalar(f"train/{tag}", value, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_sec:.0f}",
+                                 eta=format_duration(eta_seconds), refresh=False)
             return
         self.print(f"step {step}/{self.total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  "
                    f"{images_per_sec:.0f} img/s  eta {format_duration(eta_seconds)}")
