@@ -387,6 +387,29 @@ def test_a_new_length_keeps_the_steps_on_every_patch_last_and_the_budget_prices_
                               eval_every=0, save_every=0)[0] is plan
 
 
+def test_a_replan_after_steps_faster_than_calibrated_expects_the_untimed_ending_no_faster_than_its_calibration():
+    """A calibration that caught the machine busy while it timed the patch-dropout steps, and no longer while it
+    timed the steps on every patch: the first run at 0.7x their calibrated time, the ending at 1.0x. Expecting the
+    ending at 0.7x too planned a run that ended 25 s past its 30 minutes."""
+    plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=50, img_size=32, all_patches_steps=100,
+                all_patches_lr=0.1)
+    dropout, every = (32, False), (32, True)
+    calibration = Calibration(budget=1000.0, step_seconds={dropout: 0.1, every: 0.4}, eval_seconds=2.0,
+                              save_seconds=1.0)
+    new, slowdown = calibration.replan(plan, step=200, seconds_left=300.0, seconds_trained=14.0, first_step=0,
+                                       eval_every=0, save_every=0)
+    assert slowdown == pytest.approx(0.7)
+    # as the run will really go: the patch-dropout steps at 0.7x, the ending, evaluation and save at 1.0x
+    steps = new.phase_steps(200, new.total_steps)
+    real = steps[dropout] * 0.07 + steps[every] * 0.4 + 2.0 + 1.0
+    assert real <= 300.0 * 0.94 < real + 0.07  # fits the time less the 6% reserve; one more step would not
+    # Slower than calibrated, the ending is expected as much slower: as before.
+    slower, _ = calibration.replan(plan, step=200, seconds_left=300.0, seconds_trained=30.0, first_step=0,
+                                   eval_every=0, save_every=0)
+    steps = slower.phase_steps(200, slower.total_steps)
+    assert steps[dropout] * 0.15 + steps[every] * 0.6 + 4.5 <= 300.0 * 0.94
+
+
 def test_the_time_to_go_prices_each_phase_at_its_own_speed_the_steps_on_every_patch_too():
     plan = Plan("warmup_cosine", total_steps=1000, warmup_steps=50, img_size=32, all_patches_steps=100,
                 all_patches_lr=0.1)
@@ -396,6 +419,9 @@ def test_the_time_to_go_prices_each_phase_at_its_own_speed_the_steps_on_every_pa
     assert seconds_to_go(plan, 500, {dropout: 0.15}, calibrated) == pytest.approx(400 * 0.15 + 100 * 0.6)
     # Inside the ending, its own measured speed counts, whatever the calibration said.
     assert seconds_to_go(plan, 950, {dropout: 0.15, every: 0.5}, calibrated) == pytest.approx(50 * 0.5)
+    # Running faster than calibrated says the calibration caught the machine busy: the ending, not timed since, is
+    # expected at its calibrated speed, not faster.
+    assert seconds_to_go(plan, 500, {dropout: 0.07}, calibrated) == pytest.approx(400 * 0.07 + 100 * 0.4)
     # A run without a calibration (--steps) knows no other speed than the one it runs at.
     assert seconds_to_go(plan, 500, {dropout: 0.15}, {}) == pytest.approx(500 * 0.15)
     assert seconds_to_go(plan, 1000, {dropout: 0.15}, calibrated) == 0

@@ -101,13 +101,22 @@ def seconds_to_go(plan, step, seen, calibrated) -> float:
     its `calibrated` speed (a budget run's, else empty) scaled as the phase last run ran against its own; without a
     calibration, at the speed of the phase last run."""
     last = next(reversed(seen))
-    scale = seen[last] / calibrated[last] if calibrated.get(last) else None
+    scale = unseen_scale(seen[last] / calibrated[last]) if calibrated.get(last) else None
 
     def speed(phase):
         if phase in seen:
             return seen[phase]
         return scale * calibrated[phase] if scale is not None and calibrated.get(phase) else seen[last]
     return sum(n * speed(phase) for phase, n in plan.phase_steps(step, plan.total_steps).items())
+
+
+def unseen_scale(slowdown) -> float:
+    """How much slower than calibrated to expect what a run has not timed since its calibration (the steps on
+    every patch at the end, evaluations, saves), when the steps it ran took `slowdown` times theirs: as much slower,
+    but never faster. Steps that ran faster than calibrated say the calibration caught the machine busy; each
+    phase is timed apart, so the busy moment may have passed before the next phase's timing began (a run whose
+    patch-dropout steps ran at 0.7x their calibration, and its ending at 1.0x, ended 25 s late)."""
+    return max(slowdown, 1.0)
 
 
 def reserve(share, seconds) -> float:
@@ -131,9 +140,10 @@ class Calibration:
 
     def replan(self, plan, step, seconds_left, seconds_trained, first_step, eval_every, save_every) -> tuple:
         """(the plan with its new length, how many times slower than calibrated its steps ran), once steps
-        first_step..step-1 took seconds_trained of training and seconds_left remain: the steps still to come are
-        expected to run as much slower (or faster) than calibrated as those did, evaluations and saves too, and
-        the length is re-fitted to what remains, less a reserve of 6% of it.
+        first_step..step-1 took seconds_trained of training and seconds_left remain: the steps still to come in
+        the phases those steps ran in are expected to run as much slower (or faster) than calibrated as those did;
+        the other phases, evaluations and saves as much slower but never faster (unseen_scale); and the length is
+        re-fitted to what remains, less a reserve of 6% of it.
 
         The calibration times a few seconds of steps, a shared machine's speed wanders by more than that shows,
         and it drifts over a run (docs/training.md has what was measured): the run re-plans from its recent
@@ -141,11 +151,14 @@ class Calibration:
         slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
         if step >= plan.all_patches_from:
             return plan, slowdown
+        seen, unseen = plan.phase_steps(first_step, step), unseen_scale(slowdown)
 
         def cost(more):  # the steps as the lengthened plan has them (a longer run adds full-resolution steps)
             evals, saves = pauses(more, step, eval_every, save_every)
-            return slowdown * (self.calibrated_seconds(plan.lengthened(step + more, step), step, step + more)
-                               + evals * self.eval_seconds + saves * self.save_seconds)
+            steps = plan.lengthened(step + more, step).phase_steps(step, step + more)
+            return (sum(n * self.step_seconds.get(phase, 0.0) * (slowdown if phase in seen else unseen)
+                        for phase, n in steps.items())
+                    + unseen * (evals * self.eval_seconds + saves * self.save_seconds))
         seconds = seconds_left - reserve(0.06, seconds_left)
         fastest = slowdown * min(self.step_seconds.values())
         more = most_steps(seconds, cost, upper=int(seconds / fastest) if fastest > 0 else 0)
