@@ -151,14 +151,12 @@ class Calibration:
         slowdown = seconds_trained / self.calibrated_seconds(plan, first_step, step)
         if step >= plan.all_patches_from:
             return plan, slowdown
-        seen, unseen = plan.phase_steps(first_step, step), unseen_scale(slowdown)
+        ran = {phase: slowdown * self.step_seconds[phase] for phase in plan.phase_steps(first_step, step)}
 
         def cost(more):  # the steps as the lengthened plan has them (a longer run adds full-resolution steps)
             evals, saves = pauses(more, step, eval_every, save_every)
-            steps = plan.lengthened(step + more, step).phase_steps(step, step + more)
-            return (sum(n * self.step_seconds.get(phase, 0.0) * (slowdown if phase in seen else unseen)
-                        for phase, n in steps.items())
-                    + unseen * (evals * self.eval_seconds + saves * self.save_seconds))
+            return (seconds_to_go(plan.lengthened(step + more, step), step, ran, self.step_seconds)
+                    + unseen_scale(slowdown) * (evals * self.eval_seconds + saves * self.save_seconds))
         seconds = seconds_left - reserve(0.06, seconds_left)
         fastest = slowdown * min(self.step_seconds.values())
         more = most_steps(seconds, cost, upper=int(seconds / fastest) if fastest > 0 else 0)
