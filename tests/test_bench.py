@@ -8,18 +8,18 @@ import sys
 import pytest
 import torch
 
-from vit_train.bench import model_step, pipeline_overhead, time_to_accuracy
-from vit_train.runtime import describe_device
+from vit_train.bench import model_step, muon_step, pipeline_overhead, time_to_accuracy
+from vit_train.runtime import describe_device, fast_bf16
 
-BENCHES = {"model_step": model_step, "pipeline_overhead": pipeline_overhead, "time_to_accuracy": time_to_accuracy}
+BENCHES = {"model_step": model_step, "muon_step": muon_step, "pipeline_overhead": pipeline_overhead, "time_to_accuracy": time_to_accuracy}
 NUMBER = r"[\d,]+\.?\d*"
 
 
 def test_the_benchmarks_parse_without_torch():
     probe = ("import sys\n"
-             "from vit_train.bench import model_step, pipeline_overhead, time_to_accuracy\n"
-             "for build in (model_step.model_step_parser, pipeline_overhead.pipeline_overhead_parser, "
-             "time_to_accuracy.time_to_accuracy_parser):\n"
+             "from vit_train.bench import model_step, muon_step, pipeline_overhead, time_to_accuracy\n"
+             "for build in (model_step.model_step_parser, muon_step.muon_step_parser, "
+             "pipeline_overhead.pipeline_overhead_parser, time_to_accuracy.time_to_accuracy_parser):\n"
              "    assert build().format_help().startswith('usage: python -m vit_train.bench.')\n"
              "print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -31,6 +31,8 @@ def test_the_benchmarks_parse_without_torch():
     ("model_step", ["--repeats", "0"], "--repeats: takes a whole number of at least 1"),
     ("model_step", ["--override", "num_layers=2"], "--override goes with --model"),
     ("model_step", ["--model", "ViT-Q_3"], "unknown model"),
+    ("muon_step", ["--repeats", "0"], "--repeats: takes a whole number of at least 1"),
+    ("muon_step", ["--config", "cifar10_nope"], "cifar10_nope"),
     ("pipeline_overhead", ["--steps", "many"], "--steps: takes a whole number"),
     ("pipeline_overhead", ["--data-dir", ""], "--data-dir is an empty path"),
     ("time_to_accuracy", ["--peer-set", "depth"], "--peer-set: takes KEY=VALUE"),
@@ -55,6 +57,19 @@ def test_model_step_times_ours_timms_and_hfs_step(capsys):
     assert re.search(rf"ours / best peer \((timm|hf)\): {NUMBER}x", out), out
     assert re.search(rf"= {NUMBER}% of the {NUMBER} GFLOP/s GEMM roofline", out), out
     assert "| case | batch | precision | ours img/s | timm img/s | HF img/s | ours / best peer |" in out
+
+
+def test_muon_step_times_ours_in_both_precisions_torchs_muon_and_adamw_against_forward_backward(capsys):
+    assert muon_step.main(["--set", "model.transformer.num_layers=1", "--batch-size", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"device {describe_device(torch.device('cpu'))}, torch " in out, out  # every figure names its processor
+    # One layer of cifar10_cpu's model: q, k, v apart and the projection, and the MLP's two turned wide.
+    assert "Muon's matrices: 4 of 128x128, 2 of 128x512" in out, out
+    auto = "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
+    for label in ("forward + backward", f"ours, Muon in {auto} (auto) + fused AdamW",
+                  "torch.optim.Muon (bf16) + fused AdamW", "fused AdamW alone, every parameter",
+                  "Newton-Schulz, fp32, batched by shape", "Newton-Schulz, bf16, one matrix at a time"):
+        assert re.search(rf"^  {re.escape(label)} +{NUMBER} ms +{NUMBER}x forward \+ backward$", out, re.MULTILINE), out
 
 
 def test_pipeline_overhead_compares_a_real_run_with_its_bare_step(capsys):

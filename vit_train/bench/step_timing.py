@@ -9,6 +9,9 @@ achieved FLOP/s ÷ the dense GEMM rate measured in the same run. On CUDA the sam
 peak is the MFU: the peak from NVIDIA's datasheet for the GPUs in DENSE_BF16_PEAKS, the measured bf16 GEMM rate
 for any other. timm and transformers come with the `test` extra; where one is missing, its implementation is
 skipped.
+
+Also the work of `python -m vit_train.bench.muon_step` (time_muon_step): the optimizer steps against forward +
+backward, timed round-robin the same way.
 """
 import json
 import statistics
@@ -210,3 +213,75 @@ def run(cases: list, args, device: torch.device):
     if args.markdown:
         print("\n" + markdown_table(rows))
 
+
+
+def time_muon_step(config: ml_collections.ConfigDict, batch_size: int, repeats: int, device: torch.device):
+    """python -m vit_train.bench.muon_step: each optimizer variant steps from the same real gradients (one forward
+    + backward of a random batch), round-robin with the forward + backward itself; prints the medians."""
+    from vit_train.optim import MuonAdamW, muon_dtype, orthogonalize, param_groups
+
+    torch.manual_seed(0)
+    model = VisionTransformer(config.model, config.img_size, 10).to(device).train()
+    images = torch.randn(batch_size, 3, config.img_size, config.img_size, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+
+    forward_backward()
+    grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}  # not the fixed embeddings
+    optim, groups = config.optim, param_groups(model, config.optim.weight_decay)
+    auto = muon_dtype("auto", device)
+    ours = {dtype: MuonAdamW(model, groups, optim, dtype) for dtype in (torch.bfloat16, torch.float32)}
+    matrices = ours[torch.float32].muon.param_groups[0]["params"]
+    others = [p for p in grads if all(p is not m for m in matrices)]
+    torch_muon = torch.optim.Muon(matrices, lr=optim.lr, weight_decay=optim.weight_decay,
+                                  momentum=optim.muon_momentum, ns_steps=optim.muon_ns_steps,
+                                  adjust_lr_fn="match_rms_adamw")
+    adamw_rest = torch.optim.AdamW(others, lr=optim.lr, fused=True)
+    adamw_all = torch.optim.AdamW(list(grads), lr=optim.lr, fused=True)
+    # The matrices as ours orthogonalises them: fused q, k, v as three, tall ones turned wide, stacked by shape.
+    stacks = {}
+    for p in matrices:
+        for block in p.detach().chunk(ours[torch.float32].muon.row_blocks.get(p, 1)):
+            wide = block.mT if block.shape[0] > block.shape[1] else block
+            stacks.setdefault(tuple(wide.shape), []).append(wide)
+    stacks = [torch.stack(pieces) for pieces in stacks.values()]
+
+    def optimizer_step(*optimizers):
+        def step():
+            for p, grad in grads.items():
+                p.grad = grad.clone()
+            for optimizer in optimizers:
+                optimizer.step()
+        return step
+
+    def newton_schulz(dtype, batched):
+        def step():
+            for stack in stacks:
+                for matrices in ([stack] if batched else stack.split(1)):
+                    orthogonalize(matrices, optim.muon_ns_steps, dtype)
+        return step
+
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+    variants = {"forward + backward": forward_backward,
+                **{f"ours, Muon in {name[d]}{' (auto)' if d == auto else ''} + fused AdamW": optimizer_step(o)
+                   for d, o in ours.items()},
+                "torch.optim.Muon (bf16) + fused AdamW": optimizer_step(torch_muon, adamw_rest),
+                "fused AdamW alone, every parameter": optimizer_step(adamw_all),
+                **{f"Newton-Schulz, {name[d]}, {how}": newton_schulz(d, how == "batched by shape")
+                   for d in (torch.bfloat16, torch.float32) for how in ("batched by shape", "one matrix at a time")}}
+    for step in variants.values():  # first calls allocate state and warm caches
+        step()
+    seconds = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, step in variants.items():
+            seconds[label].append(time_steps(step, 1, device))
+    median = {label: statistics.median(s) for label, s in seconds.items()}
+    shapes = ", ".join(f"{len(s)} of {s.shape[1]}x{s.shape[2]}" for s in stacks)
+    print(f"device {describe_device(device)}, torch {torch.__version__}; {config.model_name} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), batch {batch_size}, "
+          f"Muon's matrices: {shapes}; medians of {repeats}")
+    for label, value in median.items():
+        print(f"  {label:<52} {value * 1e3:9.2f} ms  {value / median['forward + backward']:6.2f}x forward + backward")
