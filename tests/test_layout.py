@@ -26,8 +26,8 @@ def module_files():
 
 # The command lines (the tools' and the benchmarks') import each command's modules (and torch) after parsing its
 # arguments; nowhere else may an import wait inside a function.
-DEFERRED_IMPORTS_IN = {"vit_train.cli", "vit_train.bench.model_step", "vit_train.bench.pipeline_overhead",
-                       "vit_train.bench.time_to_accuracy"}
+DEFERRED_IMPORTS_IN = {"vit_train.cli", "vit_train.bench.model_step", "vit_train.bench.muon_step",
+                       "vit_train.bench.pipeline_overhead", "vit_train.bench.time_to_accuracy"}
 
 
 def top_level_imports(path: Path, modules: set, inside_functions=False) -> set:

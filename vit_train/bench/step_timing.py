@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vit_train.bench.peers import hf_logits, hf_vit, timm_vit
 from vit_train.models.vit import VisionTransformer
+from vit_train.optim import MuonAdamW, muon_dtype, orthogonalize, param_groups
 from vit_train.runtime import describe_device
 
 
@@ -218,8 +219,6 @@ def run(cases: list, args, device: torch.device):
 def time_muon_step(config: ml_collections.ConfigDict, batch_size: int, repeats: int, device: torch.device):
     """python -m vit_train.bench.muon_step: each optimizer variant steps from the same real gradients (one forward
     + backward of a random batch), round-robin with the forward + backward itself; prints the medians."""
-    from vit_train.optim import MuonAdamW, muon_dtype, orthogonalize, param_groups
-
     torch.manual_seed(0)
     model = VisionTransformer(config.model, config.img_size, 10).to(device).train()
     images = torch.randn(batch_size, 3, config.img_size, config.img_size, device=device)
