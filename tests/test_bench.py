@@ -11,7 +11,8 @@ import torch
 from vit_train.bench import model_step, muon_step, pipeline_overhead, time_to_accuracy
 from vit_train.runtime import describe_device, fast_bf16
 
-BENCHES = {"model_step": model_step, "muon_step": muon_step, "pipeline_overhead": pipeline_overhead, "time_to_accuracy": time_to_accuracy}
+BENCHES = {"model_step": model_step, "muon_step": muon_step, "pipeline_overhead": pipeline_overhead,
+           "time_to_accuracy": time_to_accuracy}
 NUMBER = r"[\d,]+\.?\d*"
 
 

@@ -256,6 +256,18 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.dtype, self.row_blocks = dtype, row_blocks or {}
 
+    def by_shape(self, params, updates) -> dict:
+        """The matrices as the step orthogonalises them: {(m, n) wide: [(the rows of a parameter, the matching
+        block of its update turned wide, whether it was tall)]}, a parameter split into its row_blocks first."""
+        grouped = {}
+        for param, update in zip(params, updates):
+            blocks = self.row_blocks.get(param, 1)
+            for rows, block in zip(param.chunk(blocks), update.chunk(blocks)):
+                tall = rows.shape[0] > rows.shape[1]
+                wide = block.mT if tall else block
+                grouped.setdefault(tuple(wide.shape), []).append((rows, wide, tall))
+        return grouped
+
     @torch.no_grad()
     def step(self):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
@@ -274,13 +286,7 @@ class Muon(torch.optim.Optimizer):
                 for buffer, grad in zip(buffers, grads):
                     buffer.lerp_(grad, (1 - momentum) * keep)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
-            by_shape = {}  # (m, n) wide -> [(the rows of a parameter, its update, whether it was tall)]
-            for param, update in zip(params, updates):
-                blocks = self.row_blocks.get(param, 1)
-                for rows, block in zip(param.chunk(blocks), update.chunk(blocks)):
-                    tall = rows.shape[0] > rows.shape[1]
-                    wide = block.mT if tall else block
-                    by_shape.setdefault(tuple(wide.shape), []).append((rows, wide, tall))
+            by_shape = self.by_shape(params, updates)
             decay = 1 - lr * group["weight_decay"]
             torch._foreach_mul_(params, decay if keep is None else 1 - (1 - decay) * keep)
             for (m, n), pieces in by_shape.items():

@@ -215,7 +215,6 @@ def run(cases: list, args, device: torch.device):
         print("\n" + markdown_table(rows))
 
 
-
 def time_muon_step(config: ml_collections.ConfigDict, batch_size: int, repeats: int, device: torch.device):
     """python -m vit_train.bench.muon_step: each optimizer variant steps from the same real gradients (one forward
     + backward of a random batch), round-robin with the forward + backward itself; prints the medians."""
@@ -241,12 +240,8 @@ def time_muon_step(config: ml_collections.ConfigDict, batch_size: int, repeats: 
     adamw_rest = torch.optim.AdamW(others, lr=optim.lr, fused=True)
     adamw_all = torch.optim.AdamW(list(grads), lr=optim.lr, fused=True)
     # The matrices as ours orthogonalises them: fused q, k, v as three, tall ones turned wide, stacked by shape.
-    stacks = {}
-    for p in matrices:
-        for block in p.detach().chunk(ours[torch.float32].muon.row_blocks.get(p, 1)):
-            wide = block.mT if block.shape[0] > block.shape[1] else block
-            stacks.setdefault(tuple(wide.shape), []).append(wide)
-    stacks = [torch.stack(pieces) for pieces in stacks.values()]
+    by_shape = ours[torch.float32].muon.by_shape(matrices, [p.detach() for p in matrices])
+    stacks = [torch.stack([wide for _, wide, _ in pieces]) for pieces in by_shape.values()]
 
     def optimizer_step(*optimizers):
         def step():
