@@ -408,6 +408,43 @@ def test_imagefolder_loaders(tmp_path):
     assert torch.cat([y for _, y in epoch(built.test)]).tolist() == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "workers"])
+def test_the_training_split_evaluated_is_every_training_image_unaugmented_as_the_test_split_is_seen(tmp_path,
+                                                                                                    in_memory):
+    """vit-eval --split train: the training images, in order, with the test split's preprocessing (no crop, no
+    flip, no augmentation policy), for a folder held in memory and one read by workers."""
+    write_image_folder(tmp_path)
+    fields = dict(name="imagefolder", data_dir=str(tmp_path), num_workers=0, auto_augment="randaugment",
+                  folder_in_memory=in_memory)
+    evaluated = build_loaders(config(**fields), img_size=24, batch_size=1, eval_batch_size=5, device=CPU, seed=0,
+                              with_train=False, eval_split="train")
+    assert evaluated.train is None and evaluated.test.split == "train"
+    images, labels = (torch.cat(parts) for parts in zip(*epoch(evaluated.test)))
+    assert labels.tolist() == [0] * 6 + [1] * 6
+    # the same files as a test split: a tree whose val/ is this one's train/
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "train").symlink_to(tmp_path / "train")
+    (tmp_path / "copy" / "val").symlink_to(tmp_path / "train")
+    as_test = build_loaders(config(**{**fields, "data_dir": str(tmp_path / "copy")}), img_size=24, batch_size=1,
+                            eval_batch_size=5, device=CPU, seed=0, with_train=False)
+    assert as_test.test.split == "test"
+    assert torch.equal(images, torch.cat([x for x, _ in epoch(as_test.test)]))
+    assert torch.equal(images, torch.cat([x for x, _ in epoch(evaluated.test, 3)]))  # every epoch alike
+
+
+def test_the_training_split_evaluated_from_cifar_is_its_training_images_in_order(tmp_path, fake_cifar):
+    written = fake_cifar(tmp_path)
+    cfg = config(data_dir=str(tmp_path), download=False)
+    evaluated = build_loaders(cfg, img_size=32, batch_size=1, eval_batch_size=64, device=CPU, seed=0,
+                              with_train=False, eval_split="train")
+    images, labels = (torch.cat(parts) for parts in zip(*epoch(evaluated.test)))
+    rows, expected_labels = written["train"]
+    assert labels.tolist() == list(expected_labels)
+    assert torch.equal(images, preprocess_images(torch.from_numpy(rows).view(-1, 3, 32, 32), cfg, 32))
+    with pytest.raises(ValueError, match="eval_split"):  # training evaluates on the test split only
+        build_loaders(cfg, img_size=32, batch_size=8, eval_batch_size=64, device=CPU, seed=0, eval_split="train")
+
+
 def test_alternating_flips_on_a_folder_read_by_workers_is_one_line_error_and_fine_in_memory(tmp_path):
     write_image_folder(tmp_path)
     fields = dict(name="imagefolder", data_dir=str(tmp_path), num_workers=0, alternate_flips=True)

@@ -15,7 +15,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from vit_train import evaluate, export, predict
 from vit_train.cli import attention_main, eval_main, export_main, predict_main
 from vit_train.resolve import resolve_config
-from vit_train.data import load_cifar
+from vit_train.data import load_cifar, preprocess_images
 from vit_train.errors import UserError
 from vit_train.models.vit import create_model
 from vit_train.train import train
@@ -62,7 +62,7 @@ def test_eval_json_matches_the_training_log(run_dir, tmp_path, capsys):
     assert logged["step"] == 30
     assert report["accuracy"] == logged["eval_accuracy"]
     assert report["loss"] == pytest.approx(logged["eval_loss"], rel=1e-9)
-    assert report["num_samples"] == 200
+    assert report["num_samples"] == 200 and report["split"] == "test" and "200 test images" in printed
     confusion = np.array(report["confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 200
     assert confusion.trace() / 200 == report["accuracy"]
@@ -90,6 +90,26 @@ def test_flip_averaging_is_an_option_reported_apart_and_averages_each_image_with
     assert report["accuracy"] == correct / 200
     logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert report["loss"] != pytest.approx(logged["eval_loss"], rel=1e-6)  # not the single view training logged
+
+
+def test_split_train_reports_the_fit_on_every_training_image_unaugmented(run_dir, tmp_path, cifar10_subset, capsys):
+    out = tmp_path / "train.json"
+    assert eval_main(["--checkpoint", str(run_dir), "--split", "train", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["split"] == "train" and report["num_samples"] == 500
+    assert "500 training (unaugmented) images" in printed
+    loaded = evaluate.load_trained_model(run_dir, torch.device("cpu"))
+    train_split = load_cifar("cifar10", str(cifar10_subset), download=False)[0]
+    with torch.no_grad():
+        logits = loaded.model(preprocess_images(train_split.images, loaded.config.data, loaded.config.img_size))
+    labels = train_split.labels
+    assert report["accuracy"] == (logits.argmax(dim=1) == labels).sum().item() / 500
+    assert report["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    cpu = torch.device("cpu")
+    test_report = evaluate.evaluate(loaded.model, evaluate.eval_loaders(loaded.config, cpu).test, loaded.class_names,
+                                    cpu)
+    assert report["loss"] != pytest.approx(test_report.loss, rel=1e-3)  # another split than the test one
 
 
 def test_eval_of_best_checkpoint_matches_its_saved_metrics(run_dir, tmp_path):

@@ -20,8 +20,8 @@ import signal
 import sys
 
 from vit_train import __version__
-from vit_train.config import (DATASETS, DEFAULT_RECIPES, NORMALIZATIONS, PRECISIONS, WEIGHTS, get_key, load_recipe,
-                              user_path)
+from vit_train.config import (DATASETS, DEFAULT_RECIPES, EVAL_SPLITS, NORMALIZATIONS, PRECISIONS, WEIGHTS, get_key,
+                              load_recipe, user_path)
 from vit_train.errors import UserError
 from vit_train.models import list_models
 
@@ -199,8 +199,9 @@ def add_device_flag(parser):
 
 EVAL_DESCRIPTION = """\
 Evaluate a model on its dataset's test split: top-1 and top-5 accuracy, loss, per-class accuracy and the
-confusion matrix. The model, image size, data config and precision come from the checkpoint (flags below
-override the data), so the accuracy is the one vit-train logged for that checkpoint. Foreign weights (Google
+confusion matrix (with --split train, on its training images, unaugmented: how well it fits them). The model,
+image size, data config and precision come from the checkpoint (flags below override the data), so the test
+accuracy is the one vit-train logged for that checkpoint. Foreign weights (Google
 .npz, timm .pth/.safetensors) are evaluated with --model and --pretrained instead, as the fine-tuning recipe
 sees data (224 px, inputs scaled to [-1, 1]); their head must have one output per class of the dataset."""
 
@@ -208,6 +209,7 @@ EVAL_EPILOG = """\
 examples:
   vit-eval --checkpoint runs/NAME                        # last.pt of a run
   vit-eval --checkpoint runs/NAME/best.pt --json eval.json --plot confusion.png
+  vit-eval --checkpoint runs/NAME --split train          # its fit: accuracy on the training images
   vit-eval --model ViT-B_16 --pretrained ViT-B_16_cifar10.npz --dataset cifar10
   vit-eval --list-pretrained                             # names of Google's releases --pretrained takes"""
 
@@ -230,13 +232,15 @@ def eval_parser():
     parser.add_argument("--normalize", choices=NORMALIZATIONS, help="input normalisation: the dataset's mean and "
                         "std, or inception's [-1, 1] (default: the checkpoint's; inception with --pretrained)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch (default: the checkpoint's)")
+    parser.add_argument("--split", choices=EVAL_SPLITS, default="test", help="the test split, or the training "
+                        "images, unaugmented and seen as the test split is (default: test)")
     parser.add_argument("--flip-average", action="store_true", help="average each test image's logits with its "
                         "mirror image's (test-time augmentation, twice the work); without it, the accuracy is the "
                         "single view training logs")
     add_device_flag(parser)
     parser.add_argument("--json", metavar="FILE", type=path("--json"), help="also write the metrics as JSON: "
                         "accuracy, top5_accuracy, loss, per_class_accuracy, confusion_matrix (rows: true class), "
-                        "num_samples, class_names")
+                        "num_samples, class_names, split, flip_average")
     parser.add_argument("--plot", metavar="FILE.png", type=path("--plot"), help="also draw the confusion matrix "
                         "(needs matplotlib: pip install 'vit-train[plot]')")
     return parser
@@ -287,12 +291,12 @@ def eval_main(argv=None):
     if args.checkpoint:
         loaded = evaluate.load_trained_model(args.checkpoint, device, args.weights)
         apply_eval_flags(loaded.config, args)
-        loaders = evaluate.eval_loaders(loaded.config, device)
+        loaders = evaluate.eval_loaders(loaded.config, device, args.split)
         evaluate.check_class_count(loaded, loaders.class_names)
     else:
         config = pretrained_config(args.model, args.img_size)
         apply_eval_flags(config, args)
-        loaders = evaluate.eval_loaders(config, device)
+        loaders = evaluate.eval_loaders(config, device, args.split)
         check_release_head(args.pretrained, len(loaders.class_names))
         loaded, notes = evaluate.load_pretrained_model(config, args.pretrained, loaders.class_names, device)
         for note in notes:

@@ -31,6 +31,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")                    # precision
 # The keys that hold paths (with the flag that sets each): read as user_path reads them.
 PATH_KEYS = {"data.data_dir": "--data-dir (data.data_dir)", "output_dir": "--output-dir (output_dir)",
              "pretrained": "--pretrained (pretrained)", "resume": "--resume (resume)"}
+# The splits vit-eval evaluates: the test split, or the training images unaugmented (how well a model fits them).
+EVAL_SPLITS = ("test", "train")
 # Which weights of a checkpoint the tools use: the EMA average (a run with optim.ema_decay > 0) or the raw ones.
 WEIGHTS = ("ema", "raw")
 

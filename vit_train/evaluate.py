@@ -62,11 +62,12 @@ def load_pretrained_model(config, weights, class_names, device) -> tuple:
     return LoadedModel(model.to(device).eval(), config, list(class_names)), notes
 
 
-def eval_loaders(config, device):
+def eval_loaders(config, device, split="test"):
     """Loaders whose .test is the test split exactly as training evaluated it: same data config, image size and
-    batch size. The training split is not read (a damaged training image does not stop an evaluation)."""
+    batch size. The training split is not read (a damaged training image does not stop an evaluation), unless
+    `split` is 'train': then .test holds the training images instead, unaugmented, seen as the test split is."""
     return build_loaders(config.data, img_size=config.img_size, batch_size=1, eval_batch_size=config.eval_batch_size,
-                         device=device, seed=config.seed, with_train=False)
+                         device=device, seed=config.seed, with_train=False, eval_split=split)
 
 
 def check_class_count(loaded: LoadedModel, dataset_class_names: list):
@@ -118,7 +119,8 @@ def evaluate_model(model, test_loader, device, precision):
 
 @dataclass
 class EvalReport:
-    """Metrics over a test split. Fractions in 0..1; confusion_matrix[true][predicted] counts images."""
+    """Metrics over a split (the test split, or the training images: vit-eval --split train). Fractions in 0..1;
+    confusion_matrix[true][predicted] counts images."""
     accuracy: float
     top5_accuracy: float
     loss: float
@@ -127,6 +129,7 @@ class EvalReport:
     num_samples: int
     class_names: list
     flip_average: bool = False  # each image's logits averaged with its mirror image's
+    split: str = "test"
 
 
 def evaluate(model, loader, class_names, device, precision="auto", flip_average=False) -> EvalReport:
@@ -143,7 +146,7 @@ def evaluate(model, loader, class_names, device, precision="auto", flip_average=
         top5_correct += (logits.topk(top_k, dim=1).indices == targets[:, None]).any(dim=1).sum()
     report = report_from_counts(confusion.view(num_classes, num_classes).cpu(), top5_correct.item(),
                                 loss_sum.item(), class_names)
-    report.flip_average = flip_average
+    report.flip_average, report.split = flip_average, loader.split
     return report
 
 
@@ -182,7 +185,8 @@ def format_report(report: EvalReport) -> str:
     counts = report.confusion_matrix
     width = max(display_width(name) for name in ["class", *report.class_names])
     views = " (each image averaged with its mirror image: --flip-average)" if report.flip_average else ""
-    lines = [f"{report.num_samples} test images: accuracy {report.accuracy:.4f}  top-5 accuracy "
+    split = "test" if report.split == "test" else "training (unaugmented)"
+    lines = [f"{report.num_samples} {split} images: accuracy {report.accuracy:.4f}  top-5 accuracy "
              f"{report.top5_accuracy:.4f}  loss {report.loss:.4f}{views}", "",
              f"{'':>3}  {pad('class', width)}  accuracy  images"]
     for i, name in enumerate(report.class_names):

@@ -94,11 +94,13 @@ def image_folder(root: Path, transform, skipped: list) -> torchvision.datasets.I
         raise UserError(f"{root} is not an image folder ({err}); expected {root}/<class>/<image files>") from None
 
 
-def folder_data(data_cfg, img_size: int, device: torch.device, with_train: bool = True) -> tuple:
+def folder_data(data_cfg, img_size: int, device: torch.device, with_train: bool = True,
+                eval_split: str = "test") -> tuple:
     """(train, test, class names, how they were read) of root/train/<class>/* and root/val (or root/test)/<class>/*,
     the folders scanned once: ImageArrays decoded at img_size (decoded_split) when they fit in memory and
     data.folder_in_memory is on, else FolderSources for DataLoader workers (worker_transforms). Without
-    `with_train` (evaluation) train is None and its images are never read, only its class folders listed."""
+    `with_train` (evaluation) train is None and its images are never read, only its class folders listed.
+    eval_split='train' (evaluation only): `test` holds the training images instead, read as the test split is."""
     root = Path(data_cfg.data_dir).expanduser()  # as torchvision's ImageFolder reads it
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
@@ -114,6 +116,8 @@ def folder_data(data_cfg, img_size: int, device: torch.device, with_train: bool 
              f"; it reads {' '.join(IMG_EXTENSIONS)}), e.g. {skipped[0]}; convert them to train on them")
     # Whether the folder is held in memory depends on both splits, so evaluation sees its test split as training did.
     fits = (len(train) + len(test)) * 3 * img_size**2 <= IN_MEMORY_BYTES
+    if eval_split == "train":  # a second listing: the first keeps the training transform, which augments
+        test = image_folder(root / "train", None, [])
     if data_cfg.folder_in_memory and fits:
         if data_cfg.num_workers != default_data_config().num_workers:
             warn(f"data.num_workers is read only when an image folder is read by DataLoader workers "

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from vit_train.config import DATASETS, NORMALIZATIONS, default_data_config
+from vit_train.config import DATASETS, EVAL_SPLITS, NORMALIZATIONS, default_data_config
 from vit_train.data.augment import AUGMENT_POLICIES, PADDING_MODES, DeviceAugmentation, RandomErasing
 from vit_train.data.cifar import ImageArrays, load_cifar
 from vit_train.data.folders import folder_data
@@ -141,10 +141,13 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Every sample of a split exactly once across ranks: rank r gets the r-th contiguous part, unaugmented."""
+    """Every sample of a split exactly once across ranks: rank r gets the r-th contiguous part, unaugmented.
+    `split` names it ('test', or 'train' for vit-eval --split train)."""
 
-    def __init__(self, source, data_cfg, *, img_size: int, batch_size: int, rank: int, world_size: int):
+    def __init__(self, source, data_cfg, *, img_size: int, batch_size: int, rank: int, world_size: int,
+                 split: str = "test"):
         self.source, self.data_cfg, self.img_size, self.batch_size = source, data_cfg, img_size, batch_size
+        self.split = split
         n = len(source)
         self.indices = np.arange(n * rank // world_size, n * (rank + 1) // world_size)
         self.num_samples = len(self.indices)
@@ -218,21 +221,28 @@ def load_in_memory(data_cfg) -> tuple[ImageArrays, ImageArrays, list[str]]:
 
 
 def build_loaders(data_cfg, *, img_size: int, batch_size: int, eval_batch_size: int, device: torch.device,
-                  seed: int, rank: int = 0, world_size: int = 1, with_train: bool = True) -> Loaders:
+                  seed: int, rank: int = 0, world_size: int = 1, with_train: bool = True,
+                  eval_split: str = "test") -> Loaders:
     """Train and test loaders for this rank; batch_size is the per-rank step batch (global / world_size). Without
-    `with_train` (evaluation) only the test split is read, and Loaders.train is None."""
+    `with_train` (evaluation) only the evaluated split is read, and Loaders.train is None. `eval_split` is the
+    split Loaders.test reads: 'test', or (evaluation only) 'train': the training images unaugmented, seen as
+    the test split is, for how well a model fits them."""
     check_data_config(data_cfg)
+    if eval_split not in EVAL_SPLITS or (with_train and eval_split != "test"):
+        raise ValueError(f"eval_split {eval_split!r}: one of {EVAL_SPLITS}, and 'test' when training")
     if min(img_size, batch_size, eval_batch_size) < 1 or seed < 0 or not 0 <= rank < world_size:
         raise UserError(f"need img_size, batch sizes >= 1, seed >= 0 and 0 <= rank < world_size; got {img_size}, "
                         f"{batch_size}, {eval_batch_size}, {seed}, {rank}, {world_size}")
     device = torch.device(device)
     if data_cfg.name == "imagefolder":
-        train, test, class_names, note = folder_data(data_cfg, img_size, device, with_train)
+        train, test, class_names, note = folder_data(data_cfg, img_size, device, with_train, eval_split)
     else:
         train, test, class_names, note = (*load_in_memory(data_cfg), "")
+        if eval_split == "train":
+            test = train
     on_device = isinstance(test, ImageArrays)  # held on the device, augmented there a batch at a time
     test_loader = EvalLoader(TensorSource(test, device) if on_device else test, data_cfg, img_size=img_size,
-                             batch_size=eval_batch_size, rank=rank, world_size=world_size)
+                             batch_size=eval_batch_size, rank=rank, world_size=world_size, split=eval_split)
     if not with_train:
         return Loaders(None, test_loader, len(class_names), class_names, note)
     if on_device:
