@@ -15,6 +15,7 @@ allocation the size of the decoded pixels, as it is decoded into one.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -116,8 +117,8 @@ def folder_data(data_cfg, img_size: int, device: torch.device, with_train: bool 
              f"; it reads {' '.join(IMG_EXTENSIONS)}), e.g. {skipped[0]}; convert them to train on them")
     # Whether the folder is held in memory depends on both splits, so evaluation sees its test split as training did.
     fits = (len(train) + len(test)) * 3 * img_size**2 <= IN_MEMORY_BYTES
-    if eval_split == "train":  # a second listing: the first keeps the training transform, which augments
-        test = image_folder(root / "train", None, [])
+    if eval_split == "train":  # the same listing, with a transform of its own: the test split's, set below
+        test = copy.copy(train)
     if data_cfg.folder_in_memory and fits:
         if data_cfg.num_workers != default_data_config().num_workers:
             warn(f"data.num_workers is read only when an image folder is read by DataLoader workers "
