@@ -23,8 +23,10 @@ docs/results.md, "What a CPU reaches"):
   learning rate restarting at a tenth of its peak and decaying to zero again: a short fine-tuning to the 64 tokens
   the network is evaluated on (each of these steps costs about 3.4 of the others, so they take about a tenth of
   the budget, and gain more than a point over spending it on patch-dropout steps).
-The number of steps comes from the time budget: steps are timed, the schedule is planned to end within it, and
-re-planned as the run goes, from a fifth of it on (docs/training.md).
+Precision: auto, bf16 autocast on a CPU with bf16 instructions (steps take 0.45 of their fp32 time, so the
+budget holds about twice the epochs), fp32 elsewhere. The number of steps comes from the time budget: steps are
+timed, the schedule is planned to end within it, and re-planned as the run goes, from a fifth of it on
+(docs/training.md).
 """
 from vit_train.config import base_config, recipe_model
 

@@ -27,8 +27,8 @@ def run_dir(cifar10_subset, tmp_path_factory):
     train(resolve_config({
         "model_name": "testing", "data.data_dir": str(cifar10_subset), "data.download": False,
         "batch_size": 50, "eval_batch_size": 64, "schedule.steps": 30, "schedule.warmup_steps": 0,
-        "optim.lr": 3e-3, "eval_every": 15, "save_every": 15, "quiet": True,
-        "output_dir": str(output_dir), "name": "run"}))
+        "optim.lr": 3e-3, "eval_every": 15, "save_every": 15, "quiet": True, "precision": "fp32",
+        "output_dir": str(output_dir), "name": "run"}))  # fp32: the tests compare reports with the model's fp32 logits
     return output_dir / "run"
 
 
@@ -110,6 +110,24 @@ def test_split_train_reports_the_fit_on_every_training_image_unaugmented(run_dir
     test_report = evaluate.evaluate(loaded.model, evaluate.eval_loaders(loaded.config, cpu).test, loaded.class_names,
                                     cpu)
     assert report["loss"] != pytest.approx(test_report.loss, rel=1e-3)  # another split than the test one
+
+
+def test_precision_flag_evaluates_in_the_precision_it_names_not_the_checkpoints(run_dir, tmp_path):
+    out = tmp_path / "bf16.json"
+    assert eval_main(["--checkpoint", str(run_dir), "--precision", "bf16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    cpu = torch.device("cpu")
+    loaded = evaluate.load_trained_model(run_dir, cpu)
+    logits, labels = [], []
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for images, targets in evaluate.eval_loaders(loaded.config, cpu).test.batches(0):
+            logits.append(loaded.model(images).float())
+            labels.append(targets)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    assert report["accuracy"] == (logits.argmax(dim=1) == labels).sum().item() / 200
+    assert report["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # the checkpoint's fp32
+    assert report["loss"] != pytest.approx(logged["eval_loss"], rel=1e-5)
 
 
 def test_eval_of_best_checkpoint_matches_its_saved_metrics(run_dir, tmp_path):

@@ -58,6 +58,31 @@ def test_attention_path_gives_the_same_logits_and_rows_sum_to_one():
     assert torch.allclose(attention[0].sum(-1), torch.ones(3, 2, 65), atol=1e-5)
 
 
+def test_bf16_on_a_cpu_writes_attention_out_and_agrees_with_the_fused_kernel_forward_and_backward():
+    """Under bf16 autocast on a CPU our attention is written out, its softmax in fp32; timm's runs torch's fused
+    kernel in bf16. Given the same weights, both agree with each other and with fp32 to bf16's rounding, in the
+    logits and in every gradient (a lost scale, a wrong softmax axis or a transposed product would not)."""
+    torch.manual_seed(0)
+    ours = randomize(create_model("testing", num_classes=10))
+    theirs = timm_model(get_config("testing"), 32, 10).eval()
+    theirs.load_state_dict(ours.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    fp32 = ours(images)
+    with torch.autocast("cpu", torch.bfloat16):
+        written_out, fused = ours(images), theirs(images)
+    assert written_out.dtype == fused.dtype == torch.bfloat16
+    scale = fp32.abs().max()
+    assert (written_out.float() - fused.float()).abs().max() <= 0.03 * scale
+    assert (written_out.float() - fp32).abs().max() <= 0.03 * scale
+    gradients = {}
+    for name, model, logits in (("ours", ours, written_out), ("timm", theirs, fused)):
+        model.zero_grad()
+        (logits.float() * torch.linspace(-1, 1, 10)).sum().backward()
+        gradients[name] = {key: p.grad for key, p in model.named_parameters()}
+    for key, grad in gradients["ours"].items():
+        assert (grad - gradients["timm"][key]).norm() <= 0.05 * grad.norm() + 1e-6, key
+
+
 @pytest.mark.parametrize("name", ["ViT-B_16", "R50-ViT-B_16"])
 def test_design_card_model_sees_four_patches_and_cls_at_32px(name):
     model = create_model(name, img_size=32)

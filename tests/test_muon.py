@@ -21,7 +21,7 @@ from vit_train.models.configs import apply_overrides, get_config
 from vit_train.models.vit import VisionTransformer
 from vit_train.optim import NS_COEFFICIENTS, Muon, MuonAdamW, build_optimizer, muon_dtype, orthogonalize
 from vit_train.resolve import resolve_config
-from vit_train.runtime import describe_device, fast_bf16
+from vit_train.runtime import describe_device, fast_bf16, resolve_precision
 from vit_train.train import train
 
 CPU = torch.device("cpu")
@@ -183,19 +183,23 @@ class Products(TorchDispatchMode):
 
 config = resolve_config({"data.name": "synthetic", "data.synthetic_train_size": 256, "data.synthetic_test_size": 64,
                          "schedule.steps": 3, "output_dir": tempfile.mkdtemp(), "quiet": True,
-                         "device": "cpu"}, recipe="cifar10_cpu")
+                         "device": "cpu", "precision": sys.argv[1]}, recipe="cifar10_cpu")
 with Products() as products:
     train(config)
 print(json.dumps(products.dtypes))
 """
 
 
+def count_products(isa, precision):
+    env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"} if isa == "AVX2" else {})}
+    done = subprocess.run([sys.executable, "-c", COUNT_PRODUCTS, precision], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 @pytest.mark.parametrize("isa", ["this CPU", "AVX2"])
 def test_an_fp32_run_of_the_cpu_recipe_multiplies_in_fp32_except_muon_where_bf16_is_native(isa):
-    env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"} if isa == "AVX2" else {})}
-    done = subprocess.run([sys.executable, "-c", COUNT_PRODUCTS], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    counts = json.loads(done.stdout.splitlines()[-1])
+    counts = count_products(isa, "fp32")
     dtypes = {key.split()[1] for key in counts}
     by_op = {key.split()[0] for key in counts}
     assert {"addmm", "bmm"} <= by_op and any("scaled_dot_product" in op for op in by_op)  # the products were seen
@@ -204,6 +208,19 @@ def test_an_fp32_run_of_the_cpu_recipe_multiplies_in_fp32_except_muon_where_bf16
     if native:  # bf16 in Muon's orthogonalisation only: 3 batched products per iteration, per shape, per step
         bf16 = sum(n for key, n in counts.items() if key.endswith("bfloat16"))
         assert bf16 == 3 * 5 * 2 * 3, counts
+
+
+@pytest.mark.parametrize("isa", ["this CPU", "AVX2"])
+def test_the_cpu_recipe_in_auto_precision_multiplies_in_bf16_exactly_where_the_cpu_has_bf16_instructions(isa):
+    counts = count_products(isa, "auto")
+    native = isa == "this CPU" and fast_bf16(CPU)
+    linear = {key.split()[1]: n for key, n in counts.items() if key.split()[0] == "addmm"}  # the layers' forward
+    if native:  # the steps and evaluations in bf16; fp32 only in one forward, the attention picture TensorBoard shows
+        assert linear["torch.bfloat16"] > 3 * linear.get("torch.float32", 0), counts
+    else:
+        assert set(linear) == {"torch.float32"}, counts
+    # In bf16 the attention is written out as products (torch's fused CPU kernel is slower there than in fp32).
+    assert any("scaled_dot_product" in key for key in counts) == (not native), counts
 
 
 def resumable_fixture(tmp_path):
@@ -256,7 +273,7 @@ def test_every_figure_names_its_device_and_bf16_muon_where_it_is_emulated_is_war
     train(resolve_config({**settings, "name": "auto"}))
     said = capsys.readouterr().out
     device = describe_device(CPU)
-    assert f"; {device}, fp32; run dir" in said and "warning" not in said
+    assert f"; {device}, {resolve_precision('auto', CPU)}; run dir" in said and "warning" not in said
     record = json.loads((tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["device"] == device and device.startswith(f"cpu {torch.backends.cpu.get_cpu_capability()}")
     # bf16 asked for where it is emulated (oneDNN held to AVX2, as on an AVX2-only processor): said, and run

@@ -84,6 +84,10 @@ examples:
 outputs in <output-dir>/<name>/: config.json, last.pt, best.pt, metrics.jsonl, TensorBoard events"""
 
 
+PRECISION_HELP = ("auto = bf16 autocast on GPUs that support it, else fp16 with loss scaling; on a CPU, bf16 "
+                  "autocast where it has bf16 instructions (AVX512-BF16, AMX), else fp32")
+
+
 def train_parser():
     scratch, finetune = (load_recipe(DEFAULT_RECIPES[pretrained]) for pretrained in (False, True))
 
@@ -137,8 +141,7 @@ def train_parser():
          "where DataLoader workers read an image folder (docs/data-edges.md)",
          "default: none, start a new run", metavar="RUN_DIR|FILE")
     flag("--device", "device", "auto, cpu, cuda or cuda:N; auto picks the GPU when there is one")
-    flag("--precision", "precision", "auto = bf16 autocast on GPUs that support it, else fp16 with loss scaling; "
-         "fp32 on the CPU", choices=PRECISIONS)
+    flag("--precision", "precision", PRECISION_HELP, choices=PRECISIONS)
     flag("--compile", "compile", "wrap the model in torch.compile", "default: off", action="store_const", const=True)
     flag("--quiet", "quiet", "plain progress lines instead of a progress bar", "default: off",
          action="store_const", const=True)
@@ -238,6 +241,8 @@ def eval_parser():
                         "mirror image's (test-time augmentation, twice the work); without it, the accuracy is the "
                         "single view training logs")
     add_device_flag(parser)
+    parser.add_argument("--precision", choices=PRECISIONS, help=f"{PRECISION_HELP} (default: the checkpoint's, "
+                        "which reproduces the accuracy training logged; auto with --pretrained)")
     parser.add_argument("--json", metavar="FILE", type=path("--json"), help="also write the metrics as JSON: "
                         "accuracy, top5_accuracy, loss, per_class_accuracy, confusion_matrix (rows: true class), "
                         "num_samples, class_names, split, flip_average")
@@ -247,7 +252,7 @@ def eval_parser():
 
 
 def apply_eval_flags(config, args):
-    """--dataset, --data-dir, --no-download, --normalize and --batch-size replace the config's values."""
+    """--dataset, --data-dir, --no-download, --normalize, --batch-size and --precision replace the config's values."""
     if args.dataset:
         config.data.name = args.dataset
     if args.normalize:
@@ -258,6 +263,8 @@ def apply_eval_flags(config, args):
         config.data.download = False
     if args.batch_size is not None:
         config.eval_batch_size = args.batch_size
+    if args.precision:
+        config.precision = args.precision
 
 
 @entry_point

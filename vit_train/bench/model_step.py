@@ -61,7 +61,8 @@ def model_step_parser():
                         help="default: each case's batch on the device; 64 with --model")
     parser.add_argument("--img-size", type=positive_int, default=32, metavar="PX",
                         help="image side for --model (default: 32)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="default: vit-train's auto, bf16 on GPUs and on CPUs with bf16 instructions, else fp32")
     parser.add_argument("--repeats", type=positive_int, default=5, metavar="N",
                         help="timed rounds per implementation, of which the median counts (default: 5)")
     parser.add_argument("--steps", type=positive_int, default=5, metavar="N",

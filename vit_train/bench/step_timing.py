@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit_train.bench.peers import hf_logits, hf_vit, timm_vit
 from vit_train.models.vit import VisionTransformer
 from vit_train.optim import MuonAdamW, muon_dtype, orthogonalize, param_groups
-from vit_train.runtime import describe_device
+from vit_train.runtime import describe_device, resolve_precision
 
 
 # Dense bf16 tensor-core peaks in FLOP/s, by words of torch.cuda.get_device_name(): the first entry whose words all
@@ -172,7 +172,7 @@ def loop_mfu(run_dir, device: torch.device, peak) -> str:
     model = VisionTransformer(config.model, config.img_size, config.num_classes).to(device).train()
     images = torch.randn(8, 3, config.img_size, config.img_size, device=device)
     labels = torch.randint(0, config.num_classes, (8,), device=device)
-    precision = "bf16" if device.type == "cuda" and config.precision in ("auto", "bf16") else "fp32"
+    precision = "fp32" if resolve_precision(config.precision, device) == "fp32" else "bf16"
     flops_per_image = step_flops(make_step(model, call_model, images, labels, precision)) / 8
     achieved = last["images_per_sec"] * flops_per_image
     return (f"- the real training loop (step {last['step']}): {last['images_per_sec']:,.0f} img/s, "
@@ -198,7 +198,7 @@ def markdown_table(rows: list) -> str:
 def run(cases: list, args, device: torch.device):
     """Time each case (a model_step.Case) on `device` with the settings in `args` (model_step's flags), printing
     its figures as it goes; or, with args.run, the loop MFU of a finished run."""
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = args.precision or ("fp32" if resolve_precision("auto", device) == "fp32" else "bf16")
     args.gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = None
     if device.type == "cuda":

@@ -101,9 +101,10 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         dropout_p = self.attention_dropout_rate if self.training else 0.0
         probs = None
-        # Written out when the probabilities are returned (the fused kernel never materialises them), and in bf16 or
-        # fp16 on a CPU, where torch's fused kernel is slower than its fp32 one (docs/results.md, "bf16 on a CPU").
-        if return_attention or (q.device.type == "cpu" and q.dtype != torch.float32):
+        # Written out when the probabilities are returned (the fused kernel never materialises them), and in bf16 on
+        # a CPU, where torch's fused kernel is slower than in fp32 and than these two products (docs/results.md,
+        # "bf16 on a CPU: the attention written out").
+        if return_attention or (q.device.type == "cpu" and q.dtype == torch.bfloat16):
             scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)   # the softmax in fp32
             probs = torch.softmax(scores, dim=-1).to(v.dtype)
             out = F.dropout(probs, dropout_p, self.training) @ v
