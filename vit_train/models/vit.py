@@ -111,7 +111,7 @@ class MultiHeadSelfAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(batch, tokens, width)
-        return self.proj_drop(self.proj(out)), probs
+        return self.proj_drop(self.proj(out)), probs if return_attention else None
 
 
 class MLP(nn.Module):
